@@ -1,0 +1,38 @@
+"""clipax: gradient clipping for JAX and Optax.
+
+Float32-safe norms, explicit non-finite policies, adaptive thresholds, distributed norms and
+diagnostics, every clipper an ``optax.GradientTransformation``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from clipax._clipping import adaptive_grad_clip as adaptive_grad_clip
+from clipax._clipping import clip_by_block_rms as clip_by_block_rms
+from clipax._clipping import clip_by_global_norm as clip_by_global_norm
+from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
+from clipax._clipping import clip_by_value as clip_by_value
+from clipax._clipping import clip_with_norm as clip_with_norm
+from clipax._norms import global_norm as global_norm
+from clipax._norms import leaf_norms as leaf_norms
+from clipax._norms import unitwise_norms as unitwise_norms
+from clipax._state import ClipState as ClipState
+from clipax._state import metrics as metrics
+
+try:
+  __version__ = version("clipax")
+except PackageNotFoundError:  # running from a source tree that is not installed
+  __version__ = "0.0.0"
+
+__all__ = [
+    "ClipState",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_leaf_norm",
+    "clip_by_value",
+    "clip_with_norm",
+    "global_norm",
+    "leaf_norms",
+    "metrics",
+    "unitwise_norms",
+]

@@ -1,0 +1,447 @@
+"""Clipping with fixed thresholds: global norm, value, per-leaf norm, block RMS and AGC.
+
+Each clipper is ``measure -> threshold -> act -> record``: the norm comes from ``_norms``, the
+scale ``min(1, threshold / norm)`` is computed in float32 and applied once per leaf, and the
+pre-clip norm, scale and counters go into a :class:`~clipax.ClipState`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipax import _checks
+from clipax._checks import Nonfinite
+from clipax._norms import (
+    AxisName,
+    ReductionAxes,
+    _leafwise,
+    canonical_ord,
+    float_leaves,
+    global_norm,
+    unitwise_norms,
+)
+from clipax._state import init_clip_state, record
+
+
+def scale_for(norm: jax.Array, max_norm: Any) -> tuple[jax.Array, jax.Array]:
+  """``(min(1, max_norm / norm), norm > max_norm)`` in ``norm``'s dtype, finite everywhere.
+
+  Both ``where``s keep the gradient finite at ``norm == 0`` and ``norm == max_norm``. A negative
+  (traced) threshold acts as 0.
+  """
+  c = jnp.maximum(jnp.asarray(max_norm).astype(norm.dtype), 0)
+  over = norm > c
+  return jnp.where(over, c / jnp.where(over, norm, 1), 1), over
+
+
+def rescale(g: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
+  """``g * scale`` in ``g``'s dtype; zeros where ``zero`` is true.
+
+  Float16/bfloat16 leaves are multiplied in float32 and rounded once, so a small scale loses no
+  precision; wider leaves are multiplied by the scale cast to their dtype. A scale of exactly 1
+  returns ``g`` bit-identical.
+  """
+  if jnp.issubdtype(g.dtype, jnp.floating) and g.dtype.itemsize < 4:
+    out = (g.astype(jnp.float32) * scale.astype(jnp.float32)).astype(g.dtype)
+  else:
+    out = g * scale.astype(jnp.finfo(g.dtype).dtype)
+  if zero is not None:
+    out = jnp.where(zero, jnp.zeros([], out.dtype), out)
+  return out
+
+
+def _zero_flag(norm: jax.Array, nonfinite: Nonfinite) -> tuple[jax.Array, jax.Array | None]:
+  bad = ~jnp.isfinite(norm)
+  return bad, (bad if nonfinite == "zero" else None)
+
+
+def _recorded_scale(scale: jax.Array, zero: jax.Array | None) -> jax.Array:
+  return scale if zero is None else jnp.where(zero, 0, scale)
+
+
+def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
+  """The ``ord``-norm of a set of norms (or norm arrays) without overflow."""
+  if not norms:
+    return jnp.zeros([], jnp.float32)
+  flat = jnp.concatenate([jnp.ravel(n).astype(jnp.result_type(*norms)) for n in norms])
+  m = jnp.max(flat)
+  if ord == math.inf:
+    return m
+  usable = (m > 0) & jnp.isfinite(m)
+  safe_m = jnp.where(usable, m, 1)
+  r = flat / safe_m
+  total = jnp.sum(r) if ord == 1 else jnp.sqrt(jnp.sum(r * r))
+  return jnp.where(usable, safe_m * total, m)
+
+
+def _clip(
+    tree: Any, norm: jax.Array, max_norm: Any, nonfinite: Nonfinite
+) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+  scale, over = scale_for(norm, max_norm)
+  bad, zero = _zero_flag(norm, nonfinite)
+  out = jax.tree_util.tree_map(lambda g: rescale(g, scale, zero), tree)
+  return out, _recorded_scale(scale, zero), over & ~bad, bad
+
+
+def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonfinite = "zero"):
+  """Scales ``tree`` by ``min(1, max_norm / norm)`` using a norm you already have.
+
+  The second half of the two-phase pair :func:`global_norm` then :func:`clip_with_norm`: compute
+  the norm once, log or all-reduce it, then clip with it.
+
+  Args:
+    tree: a pytree of floating arrays (gradients).
+    norm: its norm, e.g. from :func:`clipax.global_norm`.
+    max_norm: the threshold (number or array).
+    nonfinite: ``"zero"`` (default) returns all zeros when ``norm`` is NaN or Inf;
+      ``"propagate"`` passes the non-finite values through.
+
+  Returns:
+    The clipped tree, same structure and dtypes.
+
+  Raises:
+    ValueError: for a negative, non-finite or non-numeric python ``max_norm``, or an unknown
+      ``nonfinite``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> norm = clipax.global_norm(grads)
+    >>> print(clipax.clip_with_norm(grads, norm, 1.0)["w"].tolist())
+    [0.6000000238418579, 0.800000011920929]
+  """
+  _checks.threshold("max_norm", max_norm)
+  _checks.nonfinite(nonfinite)
+  norm = jnp.asarray(norm)
+  if not jnp.issubdtype(norm.dtype, jnp.floating):
+    norm = norm.astype(jnp.float32)
+  return _clip(tree, norm, max_norm, nonfinite)[0]
+
+
+def clip_by_global_norm(
+    max_norm: Any,
+    *,
+    ord: int | float | str = 2,
+    axis_name: AxisName = None,
+    nonfinite: Nonfinite = "zero",
+) -> optax.GradientTransformation:
+  r"""Scales all updates together so that their global norm is at most ``max_norm``.
+
+  .. math::
+    g \leftarrow g \cdot \min\Big(1, \frac{c}{\|g\|}\Big)
+
+  The norm is accumulated in float32 (see :func:`clipax.global_norm`), the scale is computed in
+  float32 and applied once per leaf, so float16/bfloat16 gradients never overflow the norm and a
+  float32 array ``max_norm`` works with bfloat16 gradients. Updates under the threshold pass
+  through bit-identical and every leaf gets the same scale, so the direction is kept exactly.
+
+  Args:
+    max_norm: the threshold ``c`` >= 0; a python number (validated now) or an array (e.g. from
+      ``optax.inject_hyperparams``). 0 gives all-zero updates.
+    ord: 1, 2 (default) or ``math.inf``.
+    axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
+      norm over (one scalar per step). Not needed under plain ``jit`` nor after ``lax.pmean``.
+    nonfinite: ``"zero"`` (default): a NaN/Inf norm gives all-zero updates and is counted in
+      ``nonfinite_count``; ``"propagate"``: passed through (as optax and PyTorch do), still
+      counted.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`clipax.ClipState`.
+
+  Raises:
+    ValueError: for a negative, non-finite or non-numeric ``max_norm``, an unknown ``ord`` or
+      ``nonfinite``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import clipax
+    >>> tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(1.0))
+    >>> params = {"w": jnp.zeros(2, jnp.float16)}
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full(2, 300.0, jnp.float16)}  # optax: inf norm, zero update
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> print([f"{u:.4f}" for u in updates["w"].tolist()])
+    ['-0.7070', '-0.7070']
+    >>> print(f"{clipax.metrics(state)['clip/norm']:.2f}")
+    424.26
+
+  References:
+    Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural networks", 2013,
+    https://arxiv.org/abs/1211.5063
+  """
+  _checks.threshold("max_norm", max_norm)
+  _checks.nonfinite(nonfinite)
+  ord = canonical_ord(ord)
+
+  def init_fn(params):
+    del params
+    return init_clip_state()
+
+  def update_fn(updates, state, params=None):
+    del params
+    with jax.named_scope("clipax/clip_by_global_norm"):
+      norm = global_norm(updates, ord=ord, axis_name=axis_name)
+      out, scale, clipped, bad = _clip(updates, norm, max_norm, nonfinite)
+      return out, record(state, norm, scale, clipped, bad)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _clip_value_leaf(g: jax.Array, c: jax.Array) -> jax.Array:
+  if jnp.issubdtype(g.dtype, jnp.complexfloating):
+    mag = jnp.abs(g)
+    over = mag > c
+    return jnp.where(over, g * (c / jnp.where(over, mag, 1)).astype(g.dtype), g)
+  c = c.astype(g.dtype)
+  return jnp.clip(g, -c, c)
+
+
+def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.GradientTransformation:
+  r"""Clips every element to ``[-max_value, max_value]``.
+
+  .. math::
+    g_i \leftarrow \operatorname{clip}(g_i, -c, c)
+
+  Element-wise clipping bends the update's direction (large components shrink, small ones do
+  not); prefer :func:`clip_by_global_norm` unless you want exactly that. Complex elements keep
+  their phase and have their magnitude clipped.
+
+  Args:
+    max_value: the bound ``c`` >= 0 (python number or array).
+    nonfinite: ``"zero"`` (default) or ``"propagate"``, applied when the global norm of the
+      update is NaN or Inf, as in :func:`clip_by_global_norm`.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`; its ``norm`` is the
+    pre-clip global L2 norm and ``scale`` is ``min(1, c / max|g|)``, the factor applied to the
+    largest element.
+
+  Raises:
+    ValueError: for a negative, non-finite or non-numeric ``max_value`` or unknown ``nonfinite``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> tx = clipax.clip_by_value(1.0)
+    >>> out, state = jax.jit(tx.update)({"w": jnp.array([-3.0, 0.5])}, tx.init(None))
+    >>> print(out["w"].tolist(), f"{state.scale:.3f}")
+    [-1.0, 0.5] 0.333
+  """
+  _checks.threshold("max_value", max_value)
+  _checks.nonfinite(nonfinite)
+
+  def init_fn(params):
+    del params
+    return init_clip_state()
+
+  def update_fn(updates, state, params=None):
+    del params
+    with jax.named_scope("clipax/clip_by_value"):
+      norm = global_norm(updates)
+      peak = global_norm(updates, ord=math.inf)
+      scale, over = scale_for(peak, max_value)
+      c = jnp.maximum(jnp.asarray(max_value).astype(peak.dtype), 0)
+      bad, zero = _zero_flag(norm, nonfinite)
+      out = jax.tree_util.tree_map(
+          lambda g: rescale(_clip_value_leaf(g, c), jnp.ones([], jnp.float32), zero), updates
+      )
+      return out, record(state, norm, _recorded_scale(scale, zero), over & ~bad, bad)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _min_or_one(scales: list[jax.Array]) -> jax.Array:
+  if not scales:
+    return jnp.ones([], jnp.float32)
+  return jnp.min(jnp.concatenate([jnp.ravel(s).astype(jnp.float32) for s in scales]))
+
+
+def _per_leaf_clip(
+    updates: Any, norms: list[jax.Array], thresholds: list[Any], nonfinite: Nonfinite, ord: float
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Scales leaf ``i`` by ``min(1, t_i / n_i)`` (``n_i`` may be a keepdims array of units).
+
+  Returns ``(clipped updates, global norm, smallest scale, any clipped, non-finite)``.
+  """
+  treedef = jax.tree_util.tree_structure(updates)
+  leaves = float_leaves(updates, "clip")
+  pairs = [scale_for(n, t) for n, t in zip(norms, thresholds, strict=True)]
+  scales = [s for s, _ in pairs]
+  overs = [o for _, o in pairs]
+  norm = combine_norms(list(norms), ord)
+  bad, zero = _zero_flag(norm, nonfinite)
+  out = treedef.unflatten([rescale(g, s, zero) for g, s in zip(leaves, scales, strict=True)])
+  any_over = jnp.any(jnp.stack([jnp.any(o) for o in overs])) if overs else jnp.zeros([], bool)
+  return out, norm, _recorded_scale(_min_or_one(list(scales)), zero), any_over & ~bad, bad
+
+
+def _transformation(name: str, clip_fn) -> optax.GradientTransformation:
+  """A stateful clipper from ``clip_fn(updates, params) -> (out, norm, scale, clipped, bad)``."""
+
+  def init_fn(params):
+    del params
+    return init_clip_state()
+
+  def update_fn(updates, state, params=None):
+    with jax.named_scope(f"clipax/{name}"):
+      out, norm, scale, clipped, bad = clip_fn(updates, params)
+      return out, record(state, norm, scale, clipped, bad)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_leaf_norm(
+    max_norm: Any, *, ord: int | float | str = 2, nonfinite: Nonfinite = "zero"
+) -> optax.GradientTransformation:
+  r"""Scales each leaf on its own so that its norm is at most ``max_norm``.
+
+  .. math::
+    g_l \leftarrow g_l \cdot \min\Big(1, \frac{c}{\|g_l\|}\Big) \quad \text{for every leaf } l
+
+  Args:
+    max_norm: the per-leaf threshold ``c`` >= 0 (python number or array).
+    ord: 1, 2 (default) or ``math.inf``.
+    nonfinite: ``"zero"`` (default): when the global norm is NaN or Inf every leaf is zeroed and
+      the step counted; ``"propagate"``: passed through, counted.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`: ``norm`` is the global
+    pre-clip norm, ``scale`` the smallest leaf scale, ``clipped`` whether any leaf was clipped.
+
+  Raises:
+    ValueError: for a bad ``max_norm``, ``ord`` or ``nonfinite``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> tx = clipax.clip_by_leaf_norm(1.0)
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.1, 0.0])}
+    >>> out, _ = jax.jit(tx.update)(grads, tx.init(None))
+    >>> print(f"{out['a'][0]:.2f} {out['a'][1]:.2f} {out['b'][0]:.2f}")
+    0.60 0.80 0.10
+  """
+  _checks.threshold("max_norm", max_norm)
+  _checks.nonfinite(nonfinite)
+  ord = canonical_ord(ord)
+
+  def clip_fn(updates, params):
+    del params
+    norms = _leafwise(float_leaves(updates, "clip_by_leaf_norm"), ord, None)
+    return _per_leaf_clip(updates, norms, [max_norm] * len(norms), nonfinite, ord)
+
+  return _transformation("clip_by_leaf_norm", clip_fn)
+
+
+def clip_by_block_rms(
+    threshold: Any, *, nonfinite: Nonfinite = "zero"
+) -> optax.GradientTransformation:
+  r"""Scales each leaf so that its root-mean-square is at most ``threshold``.
+
+  .. math::
+    g_l \leftarrow g_l \cdot \min\Big(1, \frac{c}{\operatorname{rms}(g_l)}\Big),
+    \qquad \operatorname{rms}(g_l) = \frac{\|g_l\|_2}{\sqrt{n_l}}
+
+  Args:
+    threshold: the RMS bound ``c`` >= 0 (python number or array).
+    nonfinite: ``"zero"`` (default) or ``"propagate"``, as in :func:`clip_by_leaf_norm`.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
+    smallest leaf ``scale``).
+
+  Raises:
+    ValueError: for a bad ``threshold`` or ``nonfinite``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> tx = clipax.clip_by_block_rms(1.0)
+    >>> out, _ = jax.jit(tx.update)({"w": jnp.array([2.0, -2.0, 2.0, -2.0])}, tx.init(None))
+    >>> print(out["w"].tolist())
+    [1.0, -1.0, 1.0, -1.0]
+  """
+  _checks.threshold("threshold", threshold)
+  _checks.nonfinite(nonfinite)
+
+  def clip_fn(updates, params):
+    del params
+    leaves = float_leaves(updates, "clip_by_block_rms")
+    norms = _leafwise(leaves, 2, None)
+    limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(x.size) for x in leaves]
+    return _per_leaf_clip(updates, norms, limits, nonfinite, 2)
+
+  return _transformation("clip_by_block_rms", clip_fn)
+
+
+def adaptive_grad_clip(
+    clipping: Any,
+    *,
+    eps: float = 1e-3,
+    axes: ReductionAxes = None,
+    nonfinite: Nonfinite = "zero",
+) -> optax.GradientTransformation:
+  r"""Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
+
+  .. math::
+    g_u \leftarrow g_u \cdot \min\Big(1, \frac{\lambda \max(\|w_u\|, \epsilon)}{\|g_u\|}\Big)
+
+  A unit is a slice along the last axis of a leaf (an output neuron of a Flax ``Dense`` kernel
+  ``(in, out)`` or a convolution kernel ``(h, w, in, out)``); rank 0 and 1 leaves are one unit.
+  Norms are in float32 whatever the dtype of gradients and parameters.
+
+  Args:
+    clipping: ``lambda`` >= 0, the allowed ratio of gradient to parameter norm.
+    eps: floor on the parameter norm, so zero-initialised parameters can move (> 0).
+    axes: ``None`` for the rule above, or a function from a leaf to the axes it reduces over.
+    nonfinite: ``"zero"`` (default) or ``"propagate"``, as in :func:`clip_by_leaf_norm`.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
+    smallest unit ``scale``, ``clipped`` if any unit was). ``update`` needs ``params``.
+
+  Raises:
+    ValueError: for a bad ``clipping``, ``eps`` or ``nonfinite``; when ``update`` is called
+      without ``params``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> tx = clipax.adaptive_grad_clip(0.1)
+    >>> params = {"w": jnp.array([[1.0], [0.0]])}  # one unit of norm 1
+    >>> grads = {"w": jnp.array([[3.0], [4.0]])}   # norm 5 > 0.1 * 1
+    >>> out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    >>> print(f"{out['w'][0, 0]:.3f} {out['w'][1, 0]:.3f}")
+    0.060 0.080
+
+  References:
+    Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
+    Normalization", 2021, https://arxiv.org/abs/2102.06171
+  """
+  _checks.threshold("clipping", clipping)
+  _checks.number("eps", eps, low=0.0, low_open=True)
+  _checks.nonfinite(nonfinite)
+
+  def clip_fn(updates, params):
+    if params is None:
+      raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params)")
+    g_norms = jax.tree_util.tree_leaves(unitwise_norms(updates, axes=axes))
+    p_norms = jax.tree_util.tree_leaves(unitwise_norms(params, axes=axes))
+    if len(g_norms) != len(p_norms):
+      raise ValueError("adaptive_grad_clip: `params` and `updates` have different structures")
+    lam = jnp.asarray(clipping, jnp.float32)
+    limits = [lam * jnp.maximum(p, jnp.asarray(eps, p.dtype)) for p in p_norms]
+    return _per_leaf_clip(updates, g_norms, limits, nonfinite, 2)
+
+  return _transformation("adaptive_grad_clip", clip_fn)

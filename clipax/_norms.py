@@ -1,0 +1,302 @@
+"""Measuring gradients: global, per-leaf and unit-wise norms.
+
+Every norm in clipax is computed here, so dtype handling and ``axis_name`` are written once:
+
+* squares (or absolute values) are accumulated in float32 whatever the leaf dtype, float64 when
+  x64 is on and a leaf is float64, so float16/bfloat16 gradients never overflow the norm;
+* when that float32 sum overflows (or underflows) although every element is finite, the norm is
+  recomputed on values divided by their largest magnitude, inside the compiled program and only
+  on that rare path (``lax.cond``), so a float32 gradient of 1e20-sized elements gives its true
+  norm;
+* with ``axis_name`` the leaves are shards along a ``shard_map``/``pmap`` axis and one scalar (one
+  vector for ``leaf_norms``) is all-reduced per norm, never one collective per leaf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = str | tuple[str, ...] | None
+ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
+
+# Leaves with at most this many elements are concatenated (per dtype) before reducing, so a tree
+# of thousands of small leaves compiles to a handful of reductions instead of one per leaf.
+_SMALL_LEAF = 1 << 16
+
+_ORDS = (1, 2, math.inf)
+
+
+def canonical_ord(ord: Any) -> float:
+  """Returns ``ord`` as 1, 2 or ``math.inf``; raises ``ValueError`` for anything else."""
+  if isinstance(ord, str) and ord.lower() == "inf":
+    return math.inf
+  if isinstance(ord, (int, float)) and not isinstance(ord, bool) and ord in _ORDS:
+    return math.inf if ord == math.inf else int(ord)
+  raise ValueError(f"`ord` must be one of 1, 2 or math.inf, got {ord!r}")
+
+
+def _accum_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  if dtype in (jnp.float64, jnp.complex128):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def float_leaves(tree: Any, what: str = "global_norm") -> list[jax.Array]:
+  """The leaves of ``tree`` as arrays; integer and boolean leaves raise ``ValueError``."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = []
+  for path, leaf in flat:
+    x = jnp.asarray(leaf)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      raise ValueError(
+          f"{what}: leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {x.dtype}; "
+          "gradient norms are defined for floating or complex leaves only"
+      )
+    leaves.append(x)
+  return leaves
+
+
+def _magnitude(x: jax.Array) -> jax.Array:
+  """|x| in the accumulation dtype."""
+  acc = _accum_dtype(x.dtype)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return jnp.abs(x).astype(acc)
+  return jnp.abs(x.astype(acc))
+
+
+def _power(x: jax.Array, ord: float) -> jax.Array:
+  """|x|^ord in the accumulation dtype (ord 1 or 2)."""
+  if ord == 1:
+    return _magnitude(x)
+  acc = _accum_dtype(x.dtype)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+    return re * re + im * im
+  y = x.astype(acc)
+  return y * y
+
+
+def _root(s: jax.Array, ord: float) -> jax.Array:
+  """s^(1/ord) with a finite gradient at s == 0."""
+  if ord == 1:
+    return s
+  positive = s > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
+
+
+def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
+  """Large leaves as they are; small leaves flattened and concatenated per dtype."""
+  blocks, small = [], {}
+  for x in leaves:
+    if x.size == 0:
+      continue
+    if x.size <= _SMALL_LEAF:
+      small.setdefault(x.dtype, []).append(x.ravel())
+    else:
+      blocks.append(x)
+  for group in small.values():
+    blocks.append(group[0] if len(group) == 1 else jnp.concatenate(group))
+  return blocks
+
+
+def _result_dtype(leaves: list[jax.Array]) -> jnp.dtype:
+  return jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
+
+
+def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def _total(parts: list[jax.Array], dtype: jnp.dtype, combine: Callable) -> jax.Array:
+  if not parts:
+    return jnp.zeros([], dtype)
+  return combine(jnp.stack([p.astype(dtype) for p in parts]))
+
+
+def _needs_rescue(s: jax.Array) -> jax.Array:
+  """True where a sum of powers overflowed or is too small to be exact."""
+  lo = math.sqrt(jnp.finfo(s.dtype).tiny)
+  return jnp.isinf(s) | (s < lo)
+
+
+def _global(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> jax.Array:
+  dtype = _result_dtype(leaves)
+  blocks = _blocks(leaves)
+  if ord == math.inf:
+    parts = [jnp.max(_magnitude(b)) for b in blocks]
+    return _pmax(_total(parts, dtype, jnp.max), axis_name)
+
+  s = _psum(_total([jnp.sum(_power(b, ord)) for b in blocks], dtype, jnp.sum), axis_name)
+
+  def plain(_):
+    return _root(s, ord)
+
+  def rescued(_):
+    m = _pmax(_total([jnp.max(_magnitude(b)) for b in blocks], dtype, jnp.max), axis_name)
+    usable = (m > 0) & jnp.isfinite(m)
+    safe_m = jnp.where(usable, m, 1)
+    parts = [jnp.sum(_power(_magnitude(b).astype(dtype) / safe_m, ord)) for b in blocks]
+    t = _psum(_total(parts, dtype, jnp.sum), axis_name)
+    # m == 0: every element is zero; m == inf: the norm is inf; m NaN: NaN. All exact.
+    return jnp.where(usable, safe_m * _root(t, ord), m)
+
+  return lax.cond(_needs_rescue(s), rescued, plain, None)
+
+
+def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = None) -> jax.Array:
+  r"""The norm of all the leaves of a pytree taken together, accumulated in float32.
+
+  .. math::
+    \|g\|_p = \Big(\sum_{\text{leaves } l} \sum_i |g_{l,i}|^p\Big)^{1/p},
+    \qquad \|g\|_\infty = \max_{l,i} |g_{l,i}|
+
+  Squares are summed in float32 whatever the leaf dtype (float64 when x64 is on and a leaf is
+  float64). If that sum overflows although every element is finite, or is too small to be
+  exact, the norm is recomputed inside the compiled program on the elements divided by the
+  largest magnitude, so the result is right from 1e-30 to 1e30 and beyond.
+
+  Args:
+    tree: a pytree of floating or complex arrays. ``None`` leaves and zero-size arrays count as
+      zero; complex leaves use :math:`|x|^2`.
+    ord: 1, 2 or ``math.inf`` (also ``"inf"``).
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axis (or tuple of axes) the leaves are
+      sharded over; the per-shard partial sum is all-reduced as one scalar (``lax.psum``,
+      ``lax.pmax`` for ``ord=inf``). Leave it ``None`` under plain ``jit`` with sharded arrays
+      (the norm is already global) and for replicated gradients.
+
+  Returns:
+    A float32 scalar (float64 if a leaf is float64).
+
+  Raises:
+    ValueError: for an unknown ``ord`` or an integer/boolean leaf (the message names its path).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> grads = {"w": jnp.full((4,), 300.0, jnp.float16), "b": jnp.zeros((2,), jnp.bfloat16)}
+    >>> print(f"{clipax.global_norm(grads):.1f}")  # optax gives inf here
+    600.0
+    >>> print(f"{clipax.global_norm({'w': jnp.full((3,), 1e20)}):.4e}")
+    1.7321e+20
+  """
+  ord = canonical_ord(ord)
+  with jax.named_scope("clipax/global_norm"):
+    return _global(float_leaves(tree), ord, axis_name)
+
+
+def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[jax.Array]:
+  """One norm per leaf, with a single collective for all of them."""
+  if not leaves:
+    return []
+  dtype = _result_dtype(leaves)
+
+  def maxabs(x):
+    return jnp.max(_magnitude(x), initial=0).astype(dtype)
+
+  if ord == math.inf:
+    m = _pmax(jnp.stack([maxabs(x) for x in leaves]), axis_name)
+    return list(m)
+
+  s = _psum(jnp.stack([jnp.sum(_power(x, ord)).astype(dtype) for x in leaves]), axis_name)
+
+  def plain(_):
+    return _root(s, ord)
+
+  def rescued(_):
+    m = _pmax(jnp.stack([maxabs(x) for x in leaves]), axis_name)
+    usable = (m > 0) & jnp.isfinite(m)
+    safe_m = jnp.where(usable, m, 1)
+    t = jnp.stack([
+        jnp.sum(_power(_magnitude(x).astype(dtype) / safe_m[i], ord))
+        for i, x in enumerate(leaves)
+    ])
+    t = _psum(t, axis_name)
+    return jnp.where(usable, safe_m * _root(t, ord), m)
+
+  norms = lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
+  return list(norms)
+
+
+def leaf_norms(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = None) -> Any:
+  """The norm of each leaf on its own, accumulated in float32 like :func:`global_norm`.
+
+  Args:
+    tree: a pytree of floating or complex arrays.
+    ord: 1, 2 or ``math.inf``.
+    axis_name: mesh/pmap axis the leaves are sharded over; all the per-leaf partial sums travel
+      in one vector all-reduce.
+
+  Returns:
+    A pytree of the same structure as ``tree`` with a float32 scalar per leaf.
+
+  Raises:
+    ValueError: for an unknown ``ord`` or an integer/boolean leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> norms = clipax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.ones((4,), jnp.bfloat16)})
+    >>> print(f"{norms['a']:.1f} {norms['b']:.1f}")
+    5.0 2.0
+  """
+  ord = canonical_ord(ord)
+  treedef = jax.tree_util.tree_structure(tree)
+  with jax.named_scope("clipax/leaf_norms"):
+    return treedef.unflatten(_leafwise(float_leaves(tree, "leaf_norms"), ord, axis_name))
+
+
+def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
+  """All axes for rank <= 1, else every axis but the last (Flax's fan-in layout)."""
+  return tuple(range(x.ndim)) if x.ndim <= 1 else tuple(range(x.ndim - 1))
+
+
+def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  axes = tuple(a % x.ndim for a in axes) if x.ndim else ()
+  s = jnp.sum(_power(x, 2), axis=axes, keepdims=True)
+
+  def rescued(_):
+    m = jnp.max(_magnitude(x), axis=axes, keepdims=True, initial=0)
+    usable = (m > 0) & jnp.isfinite(m)
+    safe_m = jnp.where(usable, m, 1)
+    t = jnp.sum(_power(_magnitude(x) / safe_m, 2), axis=axes, keepdims=True)
+    return jnp.where(usable, safe_m * _root(t, 2), m)
+
+  return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, 2), None)
+
+
+def unitwise_norms(tree: Any, *, axes: ReductionAxes = None) -> Any:
+  """L2 norms per unit (output neuron), kept broadcastable against each leaf.
+
+  A unit is a slice along the last axis of a leaf: for a Flax ``Dense`` kernel of shape
+  ``(in, out)`` the norm is over ``in`` for each of the ``out`` units; for a convolution kernel
+  ``(h, w, in, out)`` over ``(h, w, in)``. Leaves of rank 0 and 1 are one unit.
+
+  Args:
+    tree: a pytree of floating arrays.
+    axes: ``None`` for the rule above, or a function from a leaf to the axes to reduce over.
+
+  Returns:
+    A pytree of the same structure whose leaves have the leaf's rank (``keepdims``), float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import clipax
+    >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])
+    >>> print(clipax.unitwise_norms({"w": w})["w"].tolist())
+    [[5.0, 1.0]]
+  """
+  choose = default_unit_axes if axes is None else axes
+  treedef = jax.tree_util.tree_structure(tree)
+  leaves = float_leaves(tree, "unitwise_norms")
+  with jax.named_scope("clipax/unitwise_norms"):
+    return treedef.unflatten([_unitwise(x, tuple(choose(x))) for x in leaves])

@@ -1,0 +1,145 @@
+"""Clipper state and the metrics read back out of any optax state.
+
+Every clipax state is a ``NamedTuple`` of arrays with a ``clipax_metrics()`` method; :func:`metrics`
+finds them anywhere inside an optax state (``chain``, ``inject_hyperparams``, ``MultiSteps``,
+``masked``, ``partition``, Flax NNX optimizer state, clipax guards) and flattens them into one
+``dict`` for any logger.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class ClipState(NamedTuple):
+  """State of every clipax clipper.
+
+  Attributes:
+    count: int32, number of updates seen (saturates instead of overflowing).
+    norm: float32, the pre-clip norm of the last update.
+    scale: float32, the factor applied to the last update (1 when it was not clipped, 0 when it
+      was zeroed for being non-finite; for element-wise and per-leaf clippers, the smallest
+      factor applied to any element).
+    clipped: bool, whether the last update was clipped.
+    clipped_count: int32, number of clipped updates.
+    nonfinite_count: int32, number of updates whose norm was NaN or Inf.
+  """
+
+  count: jax.Array
+  norm: jax.Array
+  scale: jax.Array
+  clipped: jax.Array
+  clipped_count: jax.Array
+  nonfinite_count: jax.Array
+
+  def clipax_metrics(self) -> dict[str, jax.Array]:
+    return clip_state_metrics(self)
+
+
+def init_clip_state() -> ClipState:
+  """A fresh :class:`ClipState`: zero counts, norm 0, scale 1."""
+  zero = jnp.zeros([], jnp.int32)
+  return ClipState(
+      count=zero,
+      norm=jnp.zeros([], jnp.float32),
+      scale=jnp.ones([], jnp.float32),
+      clipped=jnp.zeros([], jnp.bool_),
+      clipped_count=zero,
+      nonfinite_count=zero,
+  )
+
+
+def record(
+    state: ClipState, norm: jax.Array, scale: jax.Array, clipped: jax.Array, nonfinite: jax.Array
+) -> ClipState:
+  """The state after one update with this pre-clip norm, applied scale and flags."""
+  return ClipState(
+      count=optax.safe_increment(state.count),
+      norm=jnp.asarray(norm).astype(jnp.float32),
+      scale=jnp.asarray(scale).astype(jnp.float32),
+      clipped=jnp.asarray(clipped, jnp.bool_),
+      clipped_count=state.clipped_count + jnp.asarray(clipped, jnp.int32),
+      nonfinite_count=state.nonfinite_count + jnp.asarray(nonfinite, jnp.int32),
+  )
+
+
+def _value(x: Any) -> jax.Array:
+  """Unwraps Flax NNX variables (anything with ``.value`` that is not an array)."""
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    return jnp.asarray(x)
+  inner = getattr(x, "value", x)
+  return jnp.asarray(inner)
+
+
+def clip_state_metrics(state: Any) -> dict[str, jax.Array]:
+  """The metrics shared by every state with the :class:`ClipState` fields."""
+  count = _value(state.count)
+  clipped_count = _value(state.clipped_count)
+  rate = clipped_count.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
+  return {
+      "norm": _value(state.norm),
+      "scale": _value(state.scale),
+      "clipped": _value(state.clipped),
+      "clip_rate": rate,
+      "clipped_count": clipped_count,
+      "nonfinite_count": _value(state.nonfinite_count),
+      "count": count,
+  }
+
+
+def is_clipax_state(x: Any) -> bool:
+  return isinstance(x, tuple) and callable(getattr(x, "clipax_metrics", None))
+
+
+def _find(node: Any, found: list) -> None:
+  for leaf in jax.tree_util.tree_leaves(node, is_leaf=is_clipax_state):
+    if is_clipax_state(leaf):
+      found.append(leaf)
+      inner = getattr(leaf, "inner_state", None)
+      if inner is not None:
+        _find(inner, found)
+
+
+def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
+  """A flat ``dict`` of every clipax metric found inside an optax state.
+
+  Finds clipax states anywhere inside ``opt_state``: ``optax.chain``, ``inject_hyperparams``,
+  ``MultiSteps``, ``masked``/``partition``, a Flax ``nnx.Optimizer``'s ``opt_state`` and clipax
+  guards around other optimizers. With one clipper the keys are ``"{prefix}/norm"``,
+  ``"{prefix}/scale"``, ``"{prefix}/clipped"``, ``"{prefix}/clip_rate"`` (clipped updates / all
+  updates), ``"{prefix}/clipped_count"``, ``"{prefix}/nonfinite_count"`` and ``"{prefix}/count"``;
+  adaptive clippers add ``threshold`` and guards ``skipped_count``. With several clippers
+  each gets its position in the state: ``"{prefix}/0/norm"``, ``"{prefix}/1/norm"``, ...
+
+  Args:
+    opt_state: any optax state (or a pytree holding one).
+    prefix: the first part of every key.
+
+  Returns:
+    ``dict[str, jax.Array]`` of scalars; empty if no clipax state is found. Works under ``jit``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import clipax
+    >>> tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.full(3, 2.0)}, state, params)
+    >>> m = clipax.metrics(state)
+    >>> print(f"{m['clip/norm']:.3f} {m['clip/clip_rate']:.1f} {bool(m['clip/clipped'])}")
+    3.464 1.0 True
+  """
+  found: list = []
+  _find(opt_state, found)
+  out: dict[str, jax.Array] = {}
+  for i, state in enumerate(found):
+    head = prefix if len(found) == 1 else f"{prefix}/{i}"
+    for key, value in state.clipax_metrics().items():
+      out[f"{head}/{key}"] = value
+  return out

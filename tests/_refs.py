@@ -1,0 +1,63 @@
+"""Float64 numpy references and the one place tolerances live."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RTOL = {
+    jnp.dtype(jnp.float64): 1e-12,
+    jnp.dtype(jnp.float32): 1e-6,
+    jnp.dtype(jnp.bfloat16): 1e-2,
+    jnp.dtype(jnp.float16): 1e-2,
+}
+
+
+def rtol(dtype) -> float:
+  """Relative tolerance for results stored in ``dtype``."""
+  return RTOL[jnp.dtype(dtype)]
+
+
+def as64(x) -> np.ndarray:
+  """An array (any dtype, bf16 included) as float64 (complex128 for complex)."""
+  x = np.asarray(jnp.asarray(x))
+  if np.iscomplexobj(x):
+    return x.astype(np.complex128)
+  return x.astype(np.float64)
+
+
+def leaves64(tree) -> list[np.ndarray]:
+  return [as64(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def norm64(tree, ord=2) -> float:
+  """The global ``ord``-norm in float64 numpy, overflow-safe (scaled by the max magnitude)."""
+  flat = [np.abs(x).ravel() for x in leaves64(tree)]
+  if not flat:
+    return 0.0
+  a = np.concatenate(flat)
+  if a.size == 0:
+    return 0.0
+  m = np.max(a)
+  if ord == math.inf or not np.isfinite(m) or m == 0:
+    return float(m) if ord == math.inf or m == 0 else float(m)
+  r = a / m
+  return float(m * (np.sum(r) if ord == 1 else np.sqrt(np.sum(r * r))))
+
+
+def leaf_norm64(x, ord=2) -> float:
+  return norm64([x], ord)
+
+
+def clip64(tree, max_norm: float, ord=2):
+  """optax-style global clip in float64: g * min(1, c / ||g||)."""
+  n = norm64(tree, ord)
+  scale = 1.0 if n <= max_norm else max_norm / n
+  return [x * scale for x in leaves64(tree)], n, scale
+
+
+def assert_close(actual, desired, dtype=jnp.float32, **kw):
+  np.testing.assert_allclose(as64(actual), as64(desired), rtol=kw.pop("rtol", rtol(dtype)), **kw)
