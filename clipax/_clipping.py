@@ -20,6 +20,7 @@ from clipax._norms import (
     AxisName,
     ReductionAxes,
     _leafwise,
+    by_ord,
     canonical_ord,
     float_leaves,
     global_norm,
@@ -277,7 +278,7 @@ def _per_leaf_clip(
   pairs = [scale_for(n, t) for n, t in zip(norms, thresholds, strict=True)]
   scales = [s for s, _ in pairs]
   overs = [o for _, o in pairs]
-  norm = combine_norms(list(norms), ord)
+  norm = by_ord(ord, lambda o: combine_norms(list(norms), o))
   bad, zero = _zero_flag(norm, nonfinite)
   out = treedef.unflatten([rescale(g, s, zero) for g, s in zip(leaves, scales, strict=True)])
   any_over = jnp.any(jnp.stack([jnp.any(o) for o in overs])) if overs else jnp.zeros([], bool)
@@ -336,7 +337,9 @@ def clip_by_leaf_norm(
 
   def clip_fn(updates, params):
     del params
-    norms = _leafwise(float_leaves(updates, "clip_by_leaf_norm"), ord, None)
+    leaves = float_leaves(updates, "clip_by_leaf_norm")
+
+    norms = by_ord(ord, lambda o: _leafwise(leaves, o, None))
     return _per_leaf_clip(updates, norms, [max_norm] * len(norms), nonfinite, ord)
 
   return _transformation("clip_by_leaf_norm", clip_fn)

@@ -32,13 +32,43 @@ _SMALL_LEAF = 1 << 16
 _ORDS = (1, 2, math.inf)
 
 
-def canonical_ord(ord: Any) -> float:
-  """Returns ``ord`` as 1, 2 or ``math.inf``; raises ``ValueError`` for anything else."""
+def canonical_ord(ord: Any) -> Any:
+  """Returns ``ord`` as 1, 2 or ``math.inf``; raises ``ValueError`` for anything else.
+
+  A traced ``ord`` (``optax.inject_hyperparams`` injects every numeric argument) is returned as
+  it is and dispatched at run time by :func:`by_ord`.
+  """
+  if isinstance(ord, jax.core.Tracer):
+    return ord
+  if hasattr(ord, "shape") and hasattr(ord, "dtype") and getattr(ord, "ndim", 1) == 0:
+    ord = ord.item()
   if isinstance(ord, str) and ord.lower() == "inf":
     return math.inf
   if isinstance(ord, (int, float)) and not isinstance(ord, bool) and ord in _ORDS:
     return math.inf if ord == math.inf else int(ord)
   raise ValueError(f"`ord` must be one of 1, 2 or math.inf, got {ord!r}")
+
+
+def by_ord(ord: Any, fn: Callable[[float], Any]) -> Any:
+  """``fn(ord)`` for a python ``ord``; for a traced one, the matching branch via ``lax.switch``.
+
+  A traced ``ord`` that is not 1, 2 or inf selects the ``inf`` branch and gives NaN, so the
+  clippers count it as non-finite instead of silently using another norm.
+  """
+  if not isinstance(ord, jax.core.Tracer):
+    return fn(ord)
+  index = jnp.where(ord == 1, 0, jnp.where(ord == 2, 1, 2))
+  valid = (ord == 1) | (ord == 2) | jnp.isposinf(ord)
+
+  def poisoned(result):
+    def poison(x):
+      if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+      return jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))
+
+    return jax.tree_util.tree_map(poison, result)
+
+  return poisoned(lax.switch(index, [lambda: fn(1), lambda: fn(2), lambda: fn(math.inf)]))
 
 
 def _accum_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -87,7 +117,8 @@ def _root(s: jax.Array, ord: float) -> jax.Array:
   if ord == 1:
     return s
   positive = s > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), 0)
+  # s == 0 gives 0 with a finite gradient; NaN stays NaN (never reported as a zero norm).
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), s)
 
 
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
@@ -190,8 +221,9 @@ def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = 
     1.7321e+20
   """
   ord = canonical_ord(ord)
+  leaves = float_leaves(tree)
   with jax.named_scope("clipax/global_norm"):
-    return _global(float_leaves(tree), ord, axis_name)
+    return by_ord(ord, lambda o: _global(leaves, o, axis_name))
 
 
 def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[jax.Array]:
@@ -252,7 +284,8 @@ def leaf_norms(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = N
   ord = canonical_ord(ord)
   treedef = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
-    return treedef.unflatten(_leafwise(float_leaves(tree, "leaf_norms"), ord, axis_name))
+    leaves = float_leaves(tree, "leaf_norms")
+    return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axis_name)))
 
 
 def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
