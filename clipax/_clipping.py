@@ -69,7 +69,8 @@ def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
   """The ``ord``-norm of a set of norms (or norm arrays) without overflow."""
   if not norms:
     return jnp.zeros([], jnp.float32)
-  flat = jnp.concatenate([jnp.ravel(n).astype(jnp.result_type(*norms)) for n in norms])
+  dtype = max((jnp.dtype(n.dtype) for n in norms), key=lambda d: d.itemsize)
+  flat = jnp.concatenate([jnp.ravel(n).astype(dtype) for n in norms])
   m = jnp.max(flat)
   if ord == math.inf:
     return m

@@ -5,7 +5,7 @@ Every norm in clipax is computed here, so dtype handling and ``axis_name`` are w
 * squares (or absolute values) are accumulated in float32 whatever the leaf dtype, float64 when
   x64 is on and a leaf is float64, so float16/bfloat16 gradients never overflow the norm;
 * when that float32 sum overflows (or underflows) although every element is finite, the norm is
-  recomputed on values divided by their largest magnitude, inside the compiled program and only
+  recomputed on values rescaled by an exact power of two, inside the compiled program and only
   on that rare path (``lax.cond``), so a float32 gradient of 1e20-sized elements gives its true
   norm;
 * with ``axis_name`` the leaves are shards along a ``shard_map``/``pmap`` axis and one scalar (one
@@ -137,7 +137,8 @@ def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def _result_dtype(leaves: list[jax.Array]) -> jnp.dtype:
-  return jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
+  wide = any(_accum_dtype(x.dtype) == jnp.float64 for x in leaves)
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -152,6 +153,31 @@ def _total(parts: list[jax.Array], dtype: jnp.dtype, combine: Callable) -> jax.A
   if not parts:
     return jnp.zeros([], dtype)
   return combine(jnp.stack([p.astype(dtype) for p in parts]))
+
+
+# Rescue factors: exact powers of two, so scaling loses nothing. After an overflow the elements
+# are multiplied by 2**-100 (|x| <= 2.7e8, so even 1e12 squares sum to < 1e29); after an
+# underflow (sum of squares < 1e-19, so |x| < 3.3e-10) by 2**64. Dividing by the largest
+# element instead would need 1 / max, which is subnormal (flushed to zero) above ~8.5e37.
+# float64 sums (x64 on) use 2**-600 and 2**500 by the same reasoning.
+_FACTORS = {
+    jnp.dtype(jnp.float32): (2.0**-100, 2.0**64),
+    jnp.dtype(jnp.float64): (2.0**-600, 2.0**500),
+}
+
+
+def _rescue_factor(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(factor, 1 / factor)``: down for a sum that overflowed, up for one that underflowed, 1
+  for the sums (of other leaves or units) that needed no rescue."""
+  inf, small = jnp.isinf(s), _needs_rescue(s) & ~jnp.isinf(s)
+
+  def pick(down, up):
+    one = jnp.ones([], s.dtype)
+    up = jnp.where(small, jnp.asarray(up, s.dtype), one)
+    return jnp.where(inf, jnp.asarray(down, s.dtype), up)
+
+  down, up = _FACTORS[jnp.dtype(s.dtype)]
+  return pick(down, up), pick(1 / down, 1 / up)
 
 
 def _needs_rescue(s: jax.Array) -> jax.Array:
@@ -173,13 +199,9 @@ def _global(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> jax.Arr
     return _root(s, ord)
 
   def rescued(_):
-    m = _pmax(_total([jnp.max(_magnitude(b)) for b in blocks], dtype, jnp.max), axis_name)
-    usable = (m > 0) & jnp.isfinite(m)
-    safe_m = jnp.where(usable, m, 1)
-    parts = [jnp.sum(_power(_magnitude(b).astype(dtype) / safe_m, ord)) for b in blocks]
-    t = _psum(_total(parts, dtype, jnp.sum), axis_name)
-    # m == 0: every element is zero; m == inf: the norm is inf; m NaN: NaN. All exact.
-    return jnp.where(usable, safe_m * _root(t, ord), m)
+    factor, inverse = _rescue_factor(s)
+    parts = [jnp.sum(_power(_magnitude(b).astype(dtype) * factor, ord)) for b in blocks]
+    return _root(_psum(_total(parts, dtype, jnp.sum), axis_name), ord) * inverse
 
   return lax.cond(_needs_rescue(s), rescued, plain, None)
 
@@ -193,8 +215,9 @@ def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = 
 
   Squares are summed in float32 whatever the leaf dtype (float64 when x64 is on and a leaf is
   float64). If that sum overflows although every element is finite, or is too small to be
-  exact, the norm is recomputed inside the compiled program on the elements divided by the
-  largest magnitude, so the result is right from 1e-30 to 1e30 and beyond.
+  exact, the norm is recomputed inside the compiled program on the elements rescaled by an exact
+  power of two, so the result is right from 1e-30 to 1e30 and beyond. (Subnormal elements,
+  below 1.2e-38 in float32, are flushed to zero by XLA on CPU and GPU.)
 
   Args:
     tree: a pytree of floating or complex arrays. ``None`` leaves and zero-size arrays count as
@@ -245,15 +268,12 @@ def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[
     return _root(s, ord)
 
   def rescued(_):
-    m = _pmax(jnp.stack([maxabs(x) for x in leaves]), axis_name)
-    usable = (m > 0) & jnp.isfinite(m)
-    safe_m = jnp.where(usable, m, 1)
+    factor, inverse = _rescue_factor(s)
     t = jnp.stack([
-        jnp.sum(_power(_magnitude(x).astype(dtype) / safe_m[i], ord))
+        jnp.sum(_power(_magnitude(x).astype(dtype) * factor[i], ord))
         for i, x in enumerate(leaves)
     ])
-    t = _psum(t, axis_name)
-    return jnp.where(usable, safe_m * _root(t, ord), m)
+    return _root(_psum(t, axis_name), ord) * inverse
 
   norms = lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
   return list(norms)
@@ -298,11 +318,8 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   s = jnp.sum(_power(x, 2), axis=axes, keepdims=True)
 
   def rescued(_):
-    m = jnp.max(_magnitude(x), axis=axes, keepdims=True, initial=0)
-    usable = (m > 0) & jnp.isfinite(m)
-    safe_m = jnp.where(usable, m, 1)
-    t = jnp.sum(_power(_magnitude(x) / safe_m, 2), axis=axes, keepdims=True)
-    return jnp.where(usable, safe_m * _root(t, 2), m)
+    factor, inverse = _rescue_factor(s)
+    return _root(jnp.sum(_power(_magnitude(x) * factor, 2), axis=axes, keepdims=True), 2) * inverse
 
   return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, 2), None)
 

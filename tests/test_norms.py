@@ -1,0 +1,164 @@
+"""global_norm, leaf_norms and unitwise_norms against float64 numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _refs import as64, assert_close, leaf_norm64, norm64
+
+import clipax
+
+ORDS = [1, 2, math.inf]
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
+
+
+def _tree(rng, dtype, scale=1.0):
+  raw = {
+      "dense": {"kernel": rng.normal(size=(7, 5)), "bias": rng.normal(size=(5,))},
+      "blocks": [rng.normal(size=(3, 3, 2)), rng.normal(size=())],
+      "big": rng.normal(size=(300, 300)),  # above the small-leaf concatenation size
+  }
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x * scale, dtype), raw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_matches_float64(dtype, ord):
+  tree = _tree(np.random.default_rng(0), dtype)
+  got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
+  assert got.dtype == jnp.float32
+  # The reference sees the same (rounded) inputs; only accumulation error remains.
+  assert_close(got, norm64(tree, ord), jnp.float32, rtol=2e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_leaf_norms_match_float64(ord):
+  tree = _tree(np.random.default_rng(1), jnp.bfloat16)
+  got = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(tree)
+  for g, x in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(tree), strict=True):
+    assert g.dtype == jnp.float32 and g.shape == ()
+    assert_close(g, leaf_norm64(x, ord), jnp.float32, rtol=2e-6)
+
+
+def test_float16_300_does_not_overflow():
+  grads = {"w": jnp.full((4,), 300.0, jnp.float16)}
+  np.testing.assert_allclose(float(clipax.global_norm(grads)), 600.0, rtol=1e-6)
+  # the sum of squares, 360000, is past float16's max (65504): optax gets inf here
+  with np.errstate(over="ignore"):
+    assert not np.isfinite(np.sum(np.full(4, 300.0, np.float16) ** 2))
+
+
+@pytest.mark.parametrize("ord", [1, 2])
+@pytest.mark.parametrize("value", [1e20, 1e30, 1e38, 3e38, 1e-20, 1e-30, 1e-37])
+def test_extreme_float32_magnitudes_give_the_true_norm(value, ord):
+  x = np.array([value, -value / 2, value / 3, 0.0], np.float32)
+  with np.errstate(over="ignore"):
+    want = np.float32(norm64([x], ord))  # inf where the true norm is past float32's max
+  got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))({"w": jnp.asarray(x)})
+  assert_close(got, want, jnp.float32)
+  got_leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))({"w": jnp.asarray(x)})["w"]
+  assert_close(got_leaf, want, jnp.float32)
+
+
+def test_huge_norm_that_overflows_float32_is_inf_not_nan():
+  x = jnp.full((4,), 3e38, jnp.float32)  # the true norm 6e38 is not representable
+  assert np.isposinf(float(clipax.global_norm(x)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("ord", ORDS)
+def test_nonfinite_elements_give_a_nonfinite_norm(bad, ord):
+  tree = {"a": jnp.ones(3), "b": jnp.array([1.0, bad])}
+  got = float(jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree))
+  if np.isnan(bad):
+    assert np.isnan(got)
+  else:
+    assert np.isposinf(got)
+  leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)
+  assert float(leaf["a"]) == pytest.approx(leaf_norm64(np.ones(3), ord))
+  assert not np.isfinite(float(leaf["b"]))
+
+
+def test_empty_none_and_zero_size_give_zero():
+  for tree in [{}, [], None, {"a": None}, {"a": jnp.zeros((0, 3))}, (jnp.zeros((2, 0)), None)]:
+    for ord in ORDS:
+      n = jax.jit(lambda t, o=ord: clipax.global_norm(t, ord=o))(tree)
+      assert n.dtype == jnp.float32 and float(n) == 0.0
+  norms = clipax.leaf_norms({"a": jnp.zeros((0,)), "b": jnp.ones(4)})
+  assert float(norms["a"]) == 0.0 and float(norms["b"]) == 2.0
+
+
+def test_complex_leaves_use_modulus():
+  z = jnp.array([3 + 4j, 1 - 1j], jnp.complex64)
+  np.testing.assert_allclose(float(clipax.global_norm(z)), math.sqrt(25 + 2), rtol=1e-6)
+  np.testing.assert_allclose(float(clipax.global_norm(z, ord=1)), 5 + math.sqrt(2), rtol=1e-6)
+  np.testing.assert_allclose(float(clipax.global_norm(z, ord=math.inf)), 5.0, rtol=1e-6)
+
+
+def test_integer_leaf_is_rejected_with_its_path():
+  with pytest.raises(ValueError, match=r"\['params'\]\['step'\].*int32"):
+    clipax.global_norm({"params": {"w": jnp.ones(2), "step": jnp.arange(3)}})
+  with pytest.raises(ValueError, match="bool"):
+    clipax.leaf_norms([jnp.ones(2, bool)])
+
+
+@pytest.mark.parametrize("ord", [0, 3, -1, "fro", None, True, 2.5])
+def test_unknown_ord_is_rejected(ord):
+  with pytest.raises(ValueError, match="`ord`"):
+    clipax.global_norm(jnp.ones(2), ord=ord)
+
+
+def test_ord_inf_spelled_as_string():
+  x = jnp.array([1.0, -7.0, 3.0])
+  assert float(clipax.global_norm(x, ord="inf")) == 7.0
+
+
+def test_float64_accumulates_in_float64_under_x64():
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.array([1e200, 1e200]))
+    assert x.dtype == jnp.float64
+    n = clipax.global_norm({"x": x, "y": jnp.ones(2, jnp.float32)})
+    assert n.dtype == jnp.float64
+    np.testing.assert_allclose(float(n), math.sqrt(2) * 1e200, rtol=1e-12)
+
+
+def test_many_small_leaves_match_reference():
+  rng = np.random.default_rng(3)
+  tree = [jnp.asarray(rng.normal(size=(int(rng.integers(1, 20)),)), jnp.float32) for _ in range(99)]
+  tree += [jnp.asarray(rng.normal(size=(3,)), jnp.bfloat16) for _ in range(50)]
+  assert_close(jax.jit(clipax.global_norm)(tree), norm64(tree), jnp.float32)
+
+
+def test_gradient_of_norm_is_finite_at_zero_and_correct_elsewhere():
+  grad = jax.grad(lambda t: clipax.global_norm(t))
+  g0 = grad({"w": jnp.zeros(3)})
+  assert np.all(np.isfinite(np.asarray(g0["w"])))
+  x = jnp.array([3.0, 4.0])
+  np.testing.assert_allclose(np.asarray(grad({"w": x})["w"]), [0.6, 0.8], rtol=1e-6)
+
+
+def _unit_ref(x, axes):
+  x64 = as64(x)
+  return np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=True))
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((), ()), ((5,), (0,)), ((4, 3), (0,)), ((3, 4, 5), (0, 1)), ((2, 3, 4, 5), (0, 1, 2)),
+     ((2, 2, 3, 4, 5), (0, 1, 2, 3))],
+)
+def test_unitwise_norms_reduce_all_but_the_last_axis(shape, axes):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  got = jax.jit(clipax.unitwise_norms)({"x": x})["x"]
+  assert got.shape == (tuple(1 if i in axes else d for i, d in enumerate(shape)) if shape else ())
+  assert_close(got, _unit_ref(x, axes))
+
+
+def test_unitwise_norms_custom_axes_and_rescue():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 5)) * 1e20, jnp.float32)
+  got = clipax.unitwise_norms(x, axes=lambda leaf: (1, 2))
+  assert got.shape == (3, 1, 1)
+  assert_close(got, _unit_ref(x, (1, 2)))
