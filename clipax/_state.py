@@ -8,6 +8,8 @@ finds them anywhere inside an optax state (``chain``, ``inject_hyperparams``, ``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -69,10 +71,11 @@ def record(
 
 
 def _value(x: Any) -> jax.Array:
-  """Unwraps Flax NNX variables (anything with ``.value`` that is not an array)."""
+  """Unwraps Flax NNX variables (``get_value()`` since Flax 0.12, ``.value`` before)."""
   if isinstance(x, (jax.Array, np.ndarray, np.generic)):
     return jnp.asarray(x)
-  inner = getattr(x, "value", x)
+  get_value = getattr(x, "get_value", None)
+  inner = get_value() if callable(get_value) else getattr(x, "value", x)
   return jnp.asarray(inner)
 
 
@@ -96,13 +99,40 @@ def is_clipax_state(x: Any) -> bool:
   return isinstance(x, tuple) and callable(getattr(x, "clipax_metrics", None))
 
 
+def _is_pure_state(x: Any) -> bool:
+  """A clipax state flattened to a ``dict`` (``nnx.to_pure_dict``, a restored checkpoint)."""
+  return isinstance(x, Mapping) and all(f in x for f in ClipState._fields)
+
+
+class _PureState:
+  """Reads the metrics of a state that lost its NamedTuple type on the way through a dict."""
+
+  def __init__(self, fields: Mapping):
+    self.fields = fields
+
+  def clipax_metrics(self) -> dict[str, jax.Array]:
+    out = clip_state_metrics(SimpleNamespace(**{f: self.fields[f] for f in ClipState._fields}))
+    for extra in ("threshold", "skipped_count"):
+      if extra in self.fields:
+        out[extra] = _value(self.fields[extra])
+    return out
+
+
+def _is_state(x: Any) -> bool:
+  return is_clipax_state(x) or _is_pure_state(x)
+
+
 def _find(node: Any, found: list) -> None:
-  for leaf in jax.tree_util.tree_leaves(node, is_leaf=is_clipax_state):
+  for leaf in jax.tree_util.tree_leaves(node, is_leaf=_is_state):
     if is_clipax_state(leaf):
       found.append(leaf)
       inner = getattr(leaf, "inner_state", None)
       if inner is not None:
         _find(inner, found)
+    elif _is_pure_state(leaf):
+      found.append(_PureState(leaf))
+      if "inner_state" in leaf:
+        _find(leaf["inner_state"], found)
 
 
 def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
