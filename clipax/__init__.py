@@ -6,15 +6,29 @@ diagnostics, every clipper an ``optax.GradientTransformation``.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from clipax._adaptive import AdaGCState as AdaGCState
+from clipax._adaptive import AutoClipState as AutoClipState
+from clipax._adaptive import ZClipState as ZClipState
+from clipax._adaptive import adagc as adagc
+from clipax._adaptive import autoclip as autoclip
+from clipax._adaptive import zclip as zclip
 from clipax._clipping import adaptive_grad_clip as adaptive_grad_clip
 from clipax._clipping import clip_by_block_rms as clip_by_block_rms
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
 from clipax._clipping import clip_by_value as clip_by_value
 from clipax._clipping import clip_with_norm as clip_with_norm
+from clipax._guards import SkipState as SkipState
+from clipax._guards import skip_nonfinite as skip_nonfinite
+from clipax._guards import skip_spikes as skip_spikes
+from clipax._health import Verdict as Verdict
+from clipax._health import diagnose as diagnose
+from clipax._health import suggest_max_norm as suggest_max_norm
 from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
 from clipax._norms import unitwise_norms as unitwise_norms
+from clipax._spam import SpamState as SpamState
+from clipax._spam import spam as spam
 from clipax._state import ClipState as ClipState
 from clipax._state import metrics as metrics
 
@@ -24,15 +38,29 @@ except PackageNotFoundError:  # running from a source tree that is not installed
   __version__ = "0.0.0"
 
 __all__ = [
+    "AdaGCState",
+    "AutoClipState",
     "ClipState",
+    "SkipState",
+    "SpamState",
+    "Verdict",
+    "ZClipState",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
     "clip_with_norm",
+    "diagnose",
     "global_norm",
     "leaf_norms",
     "metrics",
+    "skip_nonfinite",
+    "skip_spikes",
+    "spam",
+    "suggest_max_norm",
     "unitwise_norms",
+    "zclip",
 ]

@@ -41,6 +41,12 @@ CLIPPERS = [
     Case("clip_by_leaf_norm", clipax.clip_by_leaf_norm, (1.0,)),
     Case("clip_by_block_rms", clipax.clip_by_block_rms, (0.1,)),
     Case("adaptive_grad_clip", clipax.adaptive_grad_clip, (0.01,)),
+    Case("zclip", clipax.zclip, (), {"warmup_steps": 1}),
+    Case("autoclip", clipax.autoclip, (10.0,), {"history": 16}),
+    Case("adagc", clipax.adagc, (), {"warmup_steps": 1}),
+    Case("skip_nonfinite", clipax.skip_nonfinite, (optax.sgd(0.1, momentum=0.9),)),
+    Case("skip_spikes", clipax.skip_spikes, (optax.sgd(0.1, momentum=0.9),), {"window": 4}),
+    Case("spam", clipax.spam, (0.1,)),
 ]
 
 
@@ -120,7 +126,10 @@ def test_chain_with_adamw_trains_finite(case):
 
 def test_inject_hyperparams(case):
   params = _params(jnp.bfloat16)
-  tx = optax.inject_hyperparams(case.factory)(*case.args, **case.kwargs)
+  # float32 hyperparameters: in bfloat16 (optax's default here, the params' dtype) b2 = 0.999
+  # rounds to 1.0
+  inject = optax.inject_hyperparams(case.factory, hyperparam_dtype=jnp.float32)
+  tx = inject(*case.args, **case.kwargs)
   state = tx.init(params)
   out, state = jax.jit(tx.update)(_grads(params), state, params)
   direct, _ = jax.jit(case.make().update)(_grads(params), case.make().init(params), params)
