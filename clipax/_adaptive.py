@@ -452,17 +452,19 @@ def _adagc_policy(state: AdaGCState, norms, global_n, *, ratio, beta, warmup_ste
   beta = jnp.asarray(beta, _F32)
   ratio = jnp.asarray(ratio, _F32)
   warm = warming_up(state, warmup_steps)
-  first = observed_norms(state) == 0
   gammas = jax.tree_util.tree_leaves(state.gamma)
   warm_scale, warm_over = scale_for(global_n, warmup_max)
   limits = [ratio * gm for gm in gammas]
   scales, overs, new_gammas = [], [], []
   for n, gm, limit in zip(norms, gammas, limits, strict=True):
-    local_scale, local_over = scale_for(n, limit)
+    # gamma == 0: nothing learned yet for this leaf (only zero gradients so far); it is not
+    # clipped, and its first nonzero clipped norm starts the statistic.
+    known = gm > 0
+    local_scale, local_over = scale_for(n, jnp.where(known, limit, jnp.inf))
     s = jnp.where(warm, warm_scale, local_scale)
     clipped_norm = s * n
-    running_min = jnp.where(first, clipped_norm, jnp.minimum(gm, clipped_norm))
-    ema = beta * gm + (1 - beta) * clipped_norm
+    running_min = jnp.where(known, jnp.minimum(gm, clipped_norm), clipped_norm)
+    ema = jnp.where(known, beta * gm + (1 - beta) * clipped_norm, clipped_norm)
     scales.append(s)
     overs.append(jnp.where(warm, warm_over, local_over))
     new_gammas.append(jnp.where(warm, running_min, ema))
@@ -492,14 +494,16 @@ def adagc(
 
   During warm-up (the first ``warmup_steps`` finite norms) the whole update is clipped at the
   global threshold ``warmup_max_norm`` and :math:`\gamma_{t,i}` is the running minimum of the
-  clipped leaf norms, :math:`\gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_{t,i}\|)` (the first
-  clipped norm on the first step). The optional ``max_norm`` then bounds the global norm of the
+  nonzero clipped leaf norms, :math:`\gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_{t,i}\|)`. The optional ``max_norm`` then bounds the global norm of the
   clipped update (the EMAs still see the per-leaf clipped norms). A NaN/Inf global norm zeroes
   the update (``nonfinite="zero"``), is counted, and never enters :math:`\gamma`.
 
   Follows the paper's Algorithm 1 (``warmup_steps`` here is the number of warm-up steps; the
-  paper's :math:`T_{start}` is ``warmup_steps + 1``). As in the reference, a leaf whose gradient
-  is exactly zero on some warm-up step gets :math:`\gamma = 0` and stays clipped to zero.
+  paper's :math:`T_{start}` is ``warmup_steps + 1``), with one deliberate difference: a leaf
+  norm of exactly zero (an unused embedding, a frozen branch) carries no information and is not
+  recorded, so :math:`\gamma` stays "unknown" (0) for that leaf, which then passes unclipped
+  until its first nonzero norm starts the statistic. In the reference such a leaf gets
+  :math:`\gamma = 0` and is clipped to zero for the rest of training.
 
   Args:
     ratio: the relative threshold :math:`r` > 0 (the paper's :math:`\lambda_{rel}`).

@@ -559,3 +559,21 @@ def test_soak_hundred_thousand_steps_heavy_tailed_spikes():
     assert np.max(out_norms[late_spikes]) < 2.5, name
     print(f"{name}: clip rate {float(final.clipped_count) / n:.4f}, skip rate 0, "
           f"nonfinite {int(final.nonfinite_count)}")
+
+
+def test_adagc_leaf_with_zero_gradients_in_warmup_is_not_frozen_at_zero():
+  # The reference's running minimum makes gamma = 0 for a leaf whose gradient is zero during
+  # warm-up, and then clips it to zero for good. clipax treats a zero norm as "no information".
+  tx = clipax.adagc(warmup_steps=3, warmup_max_norm=100.0)
+  params = {"used": jnp.zeros(4), "unused": jnp.zeros(4)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    _, state = update({"used": jnp.ones(4), "unused": jnp.zeros(4)}, state, params)
+  assert float(state.gamma["unused"]) == 0.0
+  out, state = update({"used": jnp.ones(4), "unused": jnp.full(4, 0.5)}, state, params)
+  np.testing.assert_allclose(np.asarray(out["unused"]), 0.5)  # passes: nothing learned yet
+  np.testing.assert_allclose(float(state.gamma["unused"]), 1.0, rtol=1e-6)  # norm of 4 x 0.5
+  out, state = update({"used": jnp.ones(4), "unused": jnp.full(4, 5.0)}, state, params)
+  # now clipped to ratio * gamma = 1.04 * 1.0
+  np.testing.assert_allclose(float(np.linalg.norm(np.asarray(out["unused"]))), 1.04, rtol=1e-5)
