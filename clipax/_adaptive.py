@@ -494,9 +494,10 @@ def adagc(
 
   During warm-up (the first ``warmup_steps`` finite norms) the whole update is clipped at the
   global threshold ``warmup_max_norm`` and :math:`\gamma_{t,i}` is the running minimum of the
-  nonzero clipped leaf norms, :math:`\gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_{t,i}\|)`. The optional ``max_norm`` then bounds the global norm of the
-  clipped update (the EMAs still see the per-leaf clipped norms). A NaN/Inf global norm zeroes
-  the update (``nonfinite="zero"``), is counted, and never enters :math:`\gamma`.
+  nonzero clipped leaf norms, :math:`\gamma_{t,i} = \min(\gamma_{t-1,i}, \|\hat g_{t,i}\|)`.
+  The optional ``max_norm`` then bounds the global norm of the clipped update (the EMAs still
+  see the per-leaf clipped norms). A NaN/Inf global norm zeroes the update
+  (``nonfinite="zero"``), is counted, and never enters :math:`\gamma`.
 
   Follows the paper's Algorithm 1 (``warmup_steps`` here is the number of warm-up steps; the
   paper's :math:`T_{start}` is ``warmup_steps + 1``), with one deliberate difference: a leaf

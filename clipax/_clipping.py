@@ -19,9 +19,11 @@ from clipax._checks import Nonfinite
 from clipax._norms import (
     AxisName,
     ReductionAxes,
+    Replicated,
     _leafwise,
     by_ord,
     canonical_ord,
+    check_replicated,
     float_leaves,
     global_norm,
     unitwise_norms,
@@ -131,6 +133,7 @@ def clip_by_global_norm(
     *,
     ord: int | float | str = 2,
     axis_name: AxisName = None,
+    replicated: Replicated = None,
     nonfinite: Nonfinite = "zero",
 ) -> optax.GradientTransformation:
   r"""Scales all updates together so that their global norm is at most ``max_norm``.
@@ -147,8 +150,14 @@ def clip_by_global_norm(
     max_norm: the threshold ``c`` >= 0; a python number (validated now) or an array (e.g. from
       ``optax.inject_hyperparams``). 0 gives all-zero updates.
     ord: 1, 2 (default) or ``math.inf``.
-    axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
-      norm over (one scalar per step). Not needed under plain ``jit`` nor after ``lax.pmean``.
+    axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis (or tuple of axes)
+      to all-reduce the norm over (one scalar per step), so every shard gets the same scale. Not
+      needed under plain ``jit`` nor after ``lax.pmean``. Without it, inside ``shard_map`` each
+      shard clips its own piece by that piece's norm (optax's behaviour there).
+    replicated: with ``axis_name``, the leaves that are the same on every shard (biases kept
+      whole under tensor parallelism), counted once in the norm: a bool, a pytree prefix of the
+      updates with bool leaves, or a function from a leaf's key path to a bool (see
+      :func:`clipax.global_norm`).
     nonfinite: ``"zero"`` (default): a NaN/Inf norm gives all-zero updates and is counted in
       ``nonfinite_count``; ``"propagate"``: passed through (as optax and PyTorch do), still
       counted.
@@ -158,7 +167,7 @@ def clip_by_global_norm(
 
   Raises:
     ValueError: for a negative, non-finite or non-numeric ``max_norm``, an unknown ``ord`` or
-      ``nonfinite``.
+      ``nonfinite``, or a ``replicated`` with leaves that are not bools.
 
   Examples:
     >>> import jax
@@ -181,6 +190,7 @@ def clip_by_global_norm(
   """
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
+  check_replicated(replicated)
   ord = canonical_ord(ord)
 
   def init_fn(params):
@@ -190,7 +200,7 @@ def clip_by_global_norm(
   def update_fn(updates, state, params=None):
     del params
     with jax.named_scope("clipax/clip_by_global_norm"):
-      norm = global_norm(updates, ord=ord, axis_name=axis_name)
+      norm = global_norm(updates, ord=ord, axis_name=axis_name, replicated=replicated)
       out, scale, clipped, bad = _clip(updates, norm, max_norm, nonfinite)
       return out, record(state, norm, scale, clipped, bad)
 

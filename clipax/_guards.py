@@ -43,7 +43,9 @@ class SkipState(NamedTuple):
     history: float32 ``[window]``, ring buffer of the last accepted finite norms (empty for
       :func:`skip_nonfinite`); slot ``i % window`` holds the ``i``-th accepted norm.
     accepted: int32, number of norms written to ``history`` (saturates).
-    inner_state: the wrapped optimizer's state.
+    inner_state: the wrapped optimizer's state. Under ``shard_map``/``pmap`` every field above
+      is computed from the all-reduced global norm and is identical on every device;
+      ``inner_state`` is laid out as the inner optimizer lays it out (e.g. sharded moments).
   """
 
   count: jax.Array

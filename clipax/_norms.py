@@ -9,7 +9,10 @@ Every norm in clipax is computed here, so dtype handling and ``axis_name`` are w
   on that rare path (``lax.cond``), so a float32 gradient of 1e20-sized elements gives its true
   norm;
 * with ``axis_name`` the leaves are shards along a ``shard_map``/``pmap`` axis and one scalar (one
-  vector for ``leaf_norms``) is all-reduced per norm, never one collective per leaf.
+  vector for ``leaf_norms``) is all-reduced per norm, never one collective per leaf; leaves marked
+  ``replicated`` (the same on every shard) are counted on the first shard only;
+* under plain ``jit`` small leaves are concatenated before reducing only when they are not
+  sharded over a mesh, so GSPMD never gathers a sharded gradient to measure it.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import AxisType
 
 AxisName = str | tuple[str, ...] | None
 ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
+# None (no leaf), a bool, a pytree prefix of bools, or a predicate on the leaf's key path.
+Replicated = Any
 
 # Leaves with at most this many elements are concatenated (per dtype) before reducing, so a tree
 # of thousands of small leaves compiles to a handful of reductions instead of one per leaf.
@@ -121,13 +128,25 @@ def _root(s: jax.Array, ord: float) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1)), s)
 
 
+def _maybe_sharded(x: jax.Array) -> bool:
+  """True when GSPMD may split ``x`` over devices (a mesh axis of size > 1 that is not Manual).
+
+  Concatenating such leaves would make the partitioner gather them; inside ``shard_map``/``pmap``
+  (Manual axes) and on a single device the leaves are local and concatenating them is free.
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  sizes = getattr(mesh, "axis_sizes", ())
+  types = getattr(mesh, "axis_types", ())
+  return any(n > 1 and t != AxisType.Manual for n, t in zip(sizes, types, strict=False))
+
+
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
-  """Large leaves as they are; small leaves flattened and concatenated per dtype."""
+  """Large or mesh-sharded leaves as they are; small local leaves concatenated per dtype."""
   blocks, small = [], {}
   for x in leaves:
     if x.size == 0:
       continue
-    if x.size <= _SMALL_LEAF:
+    if x.size <= _SMALL_LEAF and not _maybe_sharded(x):
       small.setdefault(x.dtype, []).append(x.ravel())
     else:
       blocks.append(x)
@@ -153,6 +172,86 @@ def _total(parts: list[jax.Array], dtype: jnp.dtype, combine: Callable) -> jax.A
   if not parts:
     return jnp.zeros([], dtype)
   return combine(jnp.stack([p.astype(dtype) for p in parts]))
+
+
+def _first_shard(axis_name: AxisName) -> jax.Array:
+  """True on the shard at index 0 along every axis of ``axis_name``."""
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  return jnp.all(jnp.stack([lax.axis_index(a) == 0 for a in names]))
+
+
+def replicated_mask(tree: Any, replicated: Replicated, what: str = "global_norm") -> list[bool]:
+  """One python bool per leaf of ``tree`` (``tree_leaves`` order): is that leaf replicated?
+
+  ``replicated`` is ``None`` (no leaf), a bool (every leaf), a pytree prefix of ``tree`` with
+  bool leaves, or a function from a leaf's key path (a tuple of ``jax.tree_util`` keys) to bool.
+
+  Raises:
+    ValueError: when ``replicated`` is not a prefix of ``tree`` or holds something not a bool.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  if replicated is None:
+    return [False] * len(flat)
+  if callable(replicated):
+    return [bool(replicated(path)) for path, _ in flat]
+
+  def expand(flag, subtree):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise ValueError(f"{what}: `replicated` must hold python bools, got {flag!r}")
+    return [bool(flag)] * len(jax.tree_util.tree_leaves(subtree))
+
+  try:
+    nested = jax.tree_util.tree_map(expand, replicated, tree)
+  except (TypeError, ValueError) as e:
+    if str(e).startswith(what):
+      raise
+    raise ValueError(
+        f"{what}: `replicated` must be a bool, a pytree prefix of the gradients with bool leaves "
+        f"or a predicate on the key path, got {replicated!r} ({e})"
+    ) from None
+  return jax.tree_util.tree_leaves(nested)  # the lists' bools, in leaf order
+
+
+def check_replicated(replicated: Replicated) -> None:
+  """Construction-time check: ``None``, a callable, or a pytree whose leaves are all bools."""
+  if replicated is None or callable(replicated):
+    return
+  bad = [x for x in jax.tree_util.tree_leaves(replicated) if not isinstance(x, (bool, np.bool_))]
+  if bad:
+    raise ValueError(
+        "`replicated` must be None, a bool, a pytree prefix of the gradients with bool leaves or "
+        f"a predicate on the key path, got a leaf {bad[0]!r} of type {type(bad[0]).__name__}"
+    )
+
+
+def _sum_shards(
+    leaves: list[jax.Array],
+    fn: Callable[[jax.Array], jax.Array],
+    dtype: jnp.dtype,
+    axis_name: AxisName,
+    replicated: Sequence[bool] | None,
+) -> jax.Array:
+  """``sum(fn(block))`` over all shards, one scalar ``psum``; replicated leaves counted once."""
+
+  def local(xs):
+    return _total([jnp.sum(fn(b)) for b in _blocks(xs)], dtype, jnp.sum)
+
+  if axis_name is None or not replicated or not any(replicated):
+    return _psum(local(leaves), axis_name)
+  sharded = [x for x, r in zip(leaves, replicated, strict=True) if not r]
+  copies = [x for x, r in zip(leaves, replicated, strict=True) if r]
+  once = jnp.where(_first_shard(axis_name), local(copies), 0)
+  return _psum(local(sharded) + once, axis_name)
+
+
+def _count_once(
+    sums: jax.Array, axis_name: AxisName, replicated: Sequence[bool] | None
+) -> jax.Array:
+  """Per-leaf partial sums with the replicated leaves zeroed on all shards but the first."""
+  if axis_name is None or not replicated or not any(replicated):
+    return sums
+  elsewhere = np.asarray(replicated, bool) & ~_first_shard(axis_name)
+  return jnp.where(elsewhere, jnp.zeros([], sums.dtype), sums)
 
 
 # Rescue factors: exact powers of two, so scaling loses nothing. After an overflow the elements
@@ -186,27 +285,38 @@ def _needs_rescue(s: jax.Array) -> jax.Array:
   return jnp.isinf(s) | (s < lo)
 
 
-def _global(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> jax.Array:
+def _global(
+    leaves: list[jax.Array],
+    ord: float,
+    axis_name: AxisName,
+    replicated: Sequence[bool] | None = None,
+) -> jax.Array:
+  """The global norm; ``replicated[i]``: leaf ``i`` is the same on every shard of ``axis_name``."""
   dtype = _result_dtype(leaves)
-  blocks = _blocks(leaves)
   if ord == math.inf:
-    parts = [jnp.max(_magnitude(b)) for b in blocks]
+    parts = [jnp.max(_magnitude(b)) for b in _blocks(leaves)]
     return _pmax(_total(parts, dtype, jnp.max), axis_name)
 
-  s = _psum(_total([jnp.sum(_power(b, ord)) for b in blocks], dtype, jnp.sum), axis_name)
+  s = _sum_shards(leaves, lambda b: _power(b, ord), dtype, axis_name, replicated)
 
   def plain(_):
     return _root(s, ord)
 
   def rescued(_):
     factor, inverse = _rescue_factor(s)
-    parts = [jnp.sum(_power(_magnitude(b).astype(dtype) * factor, ord)) for b in blocks]
-    return _root(_psum(_total(parts, dtype, jnp.sum), axis_name), ord) * inverse
+    scaled = lambda b: _power(_magnitude(b).astype(dtype) * factor, ord)
+    return _root(_sum_shards(leaves, scaled, dtype, axis_name, replicated), ord) * inverse
 
   return lax.cond(_needs_rescue(s), rescued, plain, None)
 
 
-def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = None) -> jax.Array:
+def global_norm(
+    tree: Any,
+    *,
+    ord: int | float | str = 2,
+    axis_name: AxisName = None,
+    replicated: Replicated = None,
+) -> jax.Array:
   r"""The norm of all the leaves of a pytree taken together, accumulated in float32.
 
   .. math::
@@ -226,13 +336,20 @@ def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = 
     axis_name: inside ``shard_map`` or ``pmap``, the mesh axis (or tuple of axes) the leaves are
       sharded over; the per-shard partial sum is all-reduced as one scalar (``lax.psum``,
       ``lax.pmax`` for ``ord=inf``). Leave it ``None`` under plain ``jit`` with sharded arrays
-      (the norm is already global) and for replicated gradients.
+      (the norm is already global) and for replicated gradients (after ``lax.pmean``). Without
+      it, inside ``shard_map`` each shard gets the norm of its own piece only.
+    replicated: with ``axis_name``, the leaves that are the same on every shard (a bias kept
+      whole under tensor parallelism), counted once instead of once per shard: ``None`` (no
+      leaf), a bool, a pytree prefix of ``tree`` with bool leaves (``{"w": False, "b": True}``)
+      or a function from a leaf's key path to a bool. Ignored when ``axis_name`` is ``None``.
+      Replicated means replicated over every axis in ``axis_name``; still one scalar psum.
 
   Returns:
-    A float32 scalar (float64 if a leaf is float64).
+    A float32 scalar (float64 if a leaf is float64), the same on every shard.
 
   Raises:
-    ValueError: for an unknown ``ord`` or an integer/boolean leaf (the message names its path).
+    ValueError: for an unknown ``ord``, an integer/boolean leaf (the message names its path) or
+      a ``replicated`` that is not a prefix of ``tree`` with bool leaves.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -242,14 +359,33 @@ def global_norm(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = 
     600.0
     >>> print(f"{clipax.global_norm({'w': jnp.full((3,), 1e20)}):.4e}")
     1.7321e+20
+
+    Inside ``shard_map``, a kernel split over ``"model"`` and a bias every device holds whole:
+
+    >>> import jax
+    >>> from jax.sharding import AxisType, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+    >>> grads = {"w": jnp.full((4, 2), 0.5), "b": jnp.ones(3)}
+    >>> norm_fn = lambda g: clipax.global_norm(
+    ...     g, axis_name="model", replicated={"w": False, "b": True})
+    >>> specs = {"w": P(None, "model"), "b": P()}
+    >>> norm = jax.shard_map(norm_fn, mesh=mesh, in_specs=(specs,), out_specs=P())(grads)
+    >>> print(f"{norm:.4f}")
+    2.2361
   """
   ord = canonical_ord(ord)
   leaves = float_leaves(tree)
+  rep = replicated_mask(tree, replicated)
   with jax.named_scope("clipax/global_norm"):
-    return by_ord(ord, lambda o: _global(leaves, o, axis_name))
+    return by_ord(ord, lambda o: _global(leaves, o, axis_name, rep))
 
 
-def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[jax.Array]:
+def _leafwise(
+    leaves: list[jax.Array],
+    ord: float,
+    axis_name: AxisName,
+    replicated: Sequence[bool] | None = None,
+) -> list[jax.Array]:
   """One norm per leaf, with a single collective for all of them."""
   if not leaves:
     return []
@@ -262,7 +398,8 @@ def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[
     m = _pmax(jnp.stack([maxabs(x) for x in leaves]), axis_name)
     return list(m)
 
-  s = _psum(jnp.stack([jnp.sum(_power(x, ord)).astype(dtype) for x in leaves]), axis_name)
+  s = jnp.stack([jnp.sum(_power(x, ord)).astype(dtype) for x in leaves])
+  s = _psum(_count_once(s, axis_name, replicated), axis_name)
 
   def plain(_):
     return _root(s, ord)
@@ -273,13 +410,19 @@ def _leafwise(leaves: list[jax.Array], ord: float, axis_name: AxisName) -> list[
         jnp.sum(_power(_magnitude(x).astype(dtype) * factor[i], ord))
         for i, x in enumerate(leaves)
     ])
-    return _root(_psum(t, axis_name), ord) * inverse
+    return _root(_psum(_count_once(t, axis_name, replicated), axis_name), ord) * inverse
 
   norms = lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
   return list(norms)
 
 
-def leaf_norms(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = None) -> Any:
+def leaf_norms(
+    tree: Any,
+    *,
+    ord: int | float | str = 2,
+    axis_name: AxisName = None,
+    replicated: Replicated = None,
+) -> Any:
   """The norm of each leaf on its own, accumulated in float32 like :func:`global_norm`.
 
   Args:
@@ -287,12 +430,14 @@ def leaf_norms(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = N
     ord: 1, 2 or ``math.inf``.
     axis_name: mesh/pmap axis the leaves are sharded over; all the per-leaf partial sums travel
       in one vector all-reduce.
+    replicated: with ``axis_name``, the leaves that are the same on every shard (counted once),
+      as in :func:`global_norm`.
 
   Returns:
     A pytree of the same structure as ``tree`` with a float32 scalar per leaf.
 
   Raises:
-    ValueError: for an unknown ``ord`` or an integer/boolean leaf.
+    ValueError: for an unknown ``ord``, an integer/boolean leaf or a bad ``replicated``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -305,7 +450,8 @@ def leaf_norms(tree: Any, *, ord: int | float | str = 2, axis_name: AxisName = N
   treedef = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
     leaves = float_leaves(tree, "leaf_norms")
-    return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axis_name)))
+    rep = replicated_mask(tree, replicated, "leaf_norms")
+    return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axis_name, rep)))
 
 
 def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
