@@ -39,6 +39,7 @@ class Verdict:
       else the most recent ``window`` steps of the history).
     clip_rate: fraction of those steps that were clipped.
     skip_rate: fraction of those steps that were skipped by a guard (0 without a guard).
+    guard: whether the state is a guard's (it skips steps rather than clipping them).
     nonfinite_count: steps whose gradient norm was NaN or Inf (over the whole run).
     last_norm: the last pre-clip gradient norm (``None`` if not recorded).
     threshold: the last threshold of an adaptive clipper (``None`` for fixed thresholds).
@@ -61,6 +62,7 @@ class Verdict:
   nonfinite_count: int
   last_norm: float | None
   threshold: float | None
+  guard: bool = False
 
   @property
   def healthy(self) -> bool:
@@ -69,9 +71,12 @@ class Verdict:
 
   def __str__(self) -> str:
     span = f"last {self.window} steps" if self.window < self.steps else f"{self.steps} steps"
-    parts = [f"clipped {100 * self.clip_rate:.1f}% of {span}"]
-    if self.skip_rate > 0:
-      parts.append(f"skipped {100 * self.skip_rate:.1f}%")
+    if self.guard:
+      parts = [f"skipped {100 * self.skip_rate:.1f}% of {span}"]
+    else:
+      parts = [f"clipped {100 * self.clip_rate:.1f}% of {span}"]
+      if self.skip_rate > 0:
+        parts.append(f"skipped {100 * self.skip_rate:.1f}%")
     if self.nonfinite_count:
       parts.append(f"{self.nonfinite_count} non-finite")
     if self.last_norm is not None:
@@ -139,6 +144,12 @@ def _verdict(
   denom = max(span, 1)
   clip_rate, skip_rate = clip_events / denom, float(skip_events) / denom
   nonfinite = int(g.get("nonfinite_count", np.zeros(1))[-1])
+  # Over the whole run: a history's first entry may not be step 1, the counters know.
+  ever_clipped = (
+      float(g["clipped_count"][-1]) if "clipped_count" in g
+      else float(np.sum(g.get("clipped", np.zeros(1))))
+  )
+  ever_skipped = 0.0 if skipped is None else float(skipped[-1])
   norm = g.get("norm")
   last_norm = None if norm is None else float(norm[-1])
   threshold = None if "threshold" not in g else float(g["threshold"][-1])
@@ -155,7 +166,7 @@ def _verdict(
         "Most recent steps hit the threshold, so it is acting as the learning rate: lower the "
         "learning rate or check the data (or raise the threshold, see clipax.suggest_max_norm)."
     )
-  elif steps >= min_steps and clip_rate == 0 and skip_rate == 0:
+  elif steps >= min_steps and ever_clipped == 0 and ever_skipped == 0:
     status = "never_clipping"
     advice = (
         "The threshold catches nothing: it only guards against future spikes; to clip the tail of "
@@ -163,13 +174,23 @@ def _verdict(
     )
   else:
     status = "healthy"
-    advice = "Clipping only the occasional outlier step."
+    verb = "skipping" if skipped is not None and "clipped_count" not in g else "clipping"
+    busy = clip_rate + skip_rate
+    if busy == 0:
+      advice = "Nothing hit the threshold recently; earlier outliers were caught."
+    elif busy < 0.2:
+      advice = f"{verb.capitalize()} only the occasional outlier step."
+    else:
+      advice = (
+          f"{verb.capitalize()} a sizeable share of steps, below `clip_rate_high`: expected of "
+          "percentile rules such as autoclip; watch the trend."
+      )
   if last_norm is not None and not math.isfinite(last_norm):
     last_norm = None if math.isnan(last_norm) else last_norm
   return Verdict(
       status=status, advice=advice, source=source, steps=steps, window=span,
       clip_rate=clip_rate, skip_rate=skip_rate, nonfinite_count=nonfinite, last_norm=last_norm,
-      threshold=threshold,
+      threshold=threshold, guard=skipped is not None and "clipped_count" not in g,
   )
 
 
@@ -188,7 +209,8 @@ def diagnose(
   1. ``"nonfinite"``: some gradient norm was NaN or Inf (``nonfinite_count > 0``).
   2. ``"clipping_often"``: at least ``clip_rate_high`` of the recent steps were clipped or skipped.
      The threshold is then doing the work of the learning rate.
-  3. ``"never_clipping"``: after at least ``min_steps`` steps nothing was ever clipped or skipped.
+  3. ``"never_clipping"``: after at least ``min_steps`` steps nothing was ever clipped or skipped
+     (over the whole run, from the counters, whatever ``window``).
   4. ``"healthy"`` otherwise: only occasional outliers are clipped.
 
   "Recent" is the last ``window`` steps when a history is given (a list of per-step metric dicts,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -15,7 +17,7 @@ def progress_bar(iterable: Iterable, *, enabled: bool, desc: str, total: int | N
   if not enabled:
     return iterable
   try:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
   except ImportError:  # pragma: no cover - tqdm is in the demo extra
     return iterable
   return tqdm(iterable, desc=desc, total=total, leave=False)
@@ -84,3 +86,15 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def relaxed_promotion():
+  """JAX's default dtype and rank promotion, whatever the caller configured.
+
+  The experiments call optax optimizers and Flax layers that rely on standard promotion (optax
+  0.2.8's Adam bias correction mixes a python float with an int32 count), so they must run the
+  same under a strict test configuration as in a user's session.
+  """
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    yield

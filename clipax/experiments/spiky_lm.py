@@ -1,0 +1,472 @@
+"""A small language model hit by bad batches: AdamW with no clipping, fixed and adaptive clippers.
+
+A decoder-only transformer in Flax NNX (about 1M parameters at the default size) learns a seeded
+synthetic corpus: a Markov source of order ``order`` (1 by default: a bigram source) over ``vocab``
+tokens whose transition rows are sparse Dirichlet draws, so the best achievable loss (the source's
+entropy rate, the *floor*) is known exactly. Every ``bad_every`` steps the batch is replaced by a
+bad one (random tokens, loss multiplied by ``bad_scale``): a deterministic gradient spike.
+
+Arms: no clipping, ``clip_by_global_norm(1.0)``, and whichever of ``zclip``, ``autoclip`` and
+``skip_spikes`` this version of clipax provides. Per arm: final loss, loss spikes (loss > 2x its
+running median), divergence, clip and skip rates (from :func:`clipax.metrics`) and the
+:func:`clipax.diagnose` verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import clipax
+from clipax.experiments import _common
+
+ARMS = ("none", "clip_by_global_norm", "zclip", "autoclip", "skip_spikes")
+"""Every arm; those whose clipax function does not exist in this version are left out."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Model, corpus and training sizes.
+
+  Attributes:
+    vocab: tokens of the synthetic source.
+    order: Markov order of the source (its context length).
+    concentration: Dirichlet concentration of each transition row (smaller is sparser, lower
+      floor).
+    seq_len: tokens per training sequence.
+    batch_size: sequences per batch.
+    d_model: transformer width.
+    n_layers: transformer blocks.
+    n_heads: attention heads.
+    mlp_ratio: MLP hidden width / ``d_model``.
+    steps: optimizer steps per arm.
+    lr: AdamW peak learning rate (linear warm-up, then constant).
+    b2: AdamW's second-moment decay (0.95, as in many language-model recipes).
+    warmup: warm-up steps.
+    weight_decay: AdamW weight decay.
+    bad_every: a bad batch every this many steps (at steps ``bad_every``, ``2 * bad_every``, ...).
+    bad_scale: the bad batch's loss multiplier.
+    max_norm: the fixed clipping threshold.
+    spike_factor: a loss spike is a loss above this times its running median.
+    median_window: the running median's window, in steps.
+  """
+
+  vocab: int = 64
+  order: int = 1
+  concentration: float = 0.1
+  seq_len: int = 64
+  batch_size: int = 8
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  mlp_ratio: int = 4
+  steps: int = 500
+  lr: float = 3e-3
+  b2: float = 0.95
+  warmup: int = 30
+  weight_decay: float = 0.01
+  bad_every: int = 125
+  bad_scale: float = 1e3
+  max_norm: float = 1.0
+  spike_factor: float = 2.0
+  median_window: int = 25
+
+  @classmethod
+  def quick(cls) -> Config:
+    """A tiny model and a short run (well under a minute on 2 CPU cores)."""
+    return cls(
+        vocab=32, seq_len=32, batch_size=8, d_model=32, n_layers=1, n_heads=2, steps=300,
+        lr=1e-2, warmup=20, bad_every=100,
+    )
+
+
+def available_arms() -> list[str]:
+  """The arms this version of clipax can run (the adaptive ones are looked up by name)."""
+  return [arm for arm in ARMS if arm == "none" or getattr(clipax, arm, None) is not None]
+
+
+def make_tx(config: Config, arm: str) -> optax.GradientTransformation:
+  """AdamW (linear warm-up, constant learning rate) behind the arm's clipper or guard, each with
+  its default settings (``clip_by_global_norm`` at ``config.max_norm``)."""
+  schedule = optax.linear_schedule(0.0, config.lr, config.warmup)
+  adamw = optax.adamw(schedule, b2=config.b2, weight_decay=config.weight_decay)
+  if arm == "none":
+    return adamw
+  if arm == "clip_by_global_norm":
+    return optax.chain(clipax.clip_by_global_norm(config.max_norm), adamw)
+  if arm == "skip_spikes":
+    return clipax.skip_spikes(adamw)
+  return optax.chain(getattr(clipax, arm)(), adamw)
+
+
+# --- the synthetic corpus ----------------------------------------------------------------------
+
+
+def markov_source(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """A seeded Markov source of order ``config.order`` over ``config.vocab`` tokens.
+
+  Returns:
+    ``(transitions, stationary, floor)``: ``transitions[c1, ..., ck]`` is the next-token
+    distribution after the context ``(c1, ..., ck)`` (a sparse Dirichlet draw), ``stationary``
+    the stationary distribution over contexts (power iteration) and ``floor`` the entropy rate in
+    nats per token: the lowest expected cross-entropy any model can reach on this source.
+  """
+  rng = np.random.default_rng([seed, 1])
+  shape = (config.vocab,) * config.order
+  transitions = rng.dirichlet(np.full(config.vocab, config.concentration), size=shape)
+  transitions = transitions + 1e-6  # every transition possible: the source is ergodic
+  transitions /= transitions.sum(axis=-1, keepdims=True)
+  stationary = np.full(shape, 1.0 / config.vocab**config.order)
+  for _ in range(5000):
+    # p(c2, ..., ck, x) = sum_c1 p(c1, ..., ck) P(x | c1, ..., ck)
+    new = np.sum(stationary[..., None] * transitions, axis=0)
+    done = np.max(np.abs(new - stationary)) < 1e-13
+    stationary = new
+    if done:
+      break
+  entropy = -np.sum(transitions * np.log(transitions), axis=-1)
+  floor = float(np.sum(stationary * entropy))
+  return transitions, stationary, floor
+
+
+def sample(
+    transitions: np.ndarray, stationary: np.ndarray, n: int, length: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+  """``n`` sequences of ``length`` tokens, each starting from a stationary context."""
+  order = transitions.ndim - 1
+  vocab = transitions.shape[-1]
+  flat = stationary.ravel()
+  start = rng.choice(flat.size, size=n, p=flat / flat.sum())
+  out = np.empty((n, length), np.int32)
+  out[:, :order] = np.stack(np.unravel_index(start, stationary.shape), axis=-1)
+  cdf = np.cumsum(transitions.reshape(-1, vocab), axis=-1)
+  strides = vocab ** np.arange(order - 1, -1, -1)
+  for t in range(order, length):
+    context = out[:, t - order : t] @ strides
+    u = rng.random(n)[:, None]
+    out[:, t] = np.minimum(np.sum(cdf[context] < u, axis=-1), vocab - 1)
+  return out
+
+
+def make_batches(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+  """Every training batch of one seed: ``(tokens [steps, batch, seq_len + 1], loss_scale
+  [steps], is_bad [steps], floor)``. Bad batches are uniform random tokens with their loss scaled
+  by ``bad_scale``, at steps ``bad_every``, ``2 * bad_every``, ..."""
+  transitions, stationary, floor = markov_source(config, seed)
+  rng = np.random.default_rng([seed, 2])
+  n = config.steps * config.batch_size
+  tokens = sample(transitions, stationary, n, config.seq_len + 1, rng)
+  tokens = tokens.reshape(config.steps, config.batch_size, config.seq_len + 1)
+  steps = np.arange(config.steps)
+  is_bad = (steps > 0) & (steps % config.bad_every == 0)
+  tokens[is_bad] = rng.integers(0, config.vocab, size=tokens[is_bad].shape, dtype=np.int32)
+  scale = np.where(is_bad, config.bad_scale, 1.0).astype(np.float32)
+  return tokens, scale, is_bad, floor
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+class Block(nnx.Module):
+  """A pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
+
+  def __init__(self, config: Config, rngs: nnx.Rngs):
+    d = config.d_model
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        num_heads=config.n_heads, in_features=d, decode=False, rngs=rngs
+    )
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.up = nnx.Linear(d, config.mlp_ratio * d, rngs=rngs)
+    self.down = nnx.Linear(config.mlp_ratio * d, d, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x), mask=mask)
+    return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class Transformer(nnx.Module):
+  """The decoder-only language model: token and learned position embeddings, ``n_layers``
+  blocks, a final LayerNorm and an untied output layer."""
+
+  def __init__(self, config: Config, rngs: nnx.Rngs):
+    d = config.d_model
+    self.embed = nnx.Embed(config.vocab, d, rngs=rngs)
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (config.seq_len, d)))
+    self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
+    self.ln = nnx.LayerNorm(d, rngs=rngs)
+    self.head = nnx.Linear(d, config.vocab, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed(tokens) + self.pos[...][: tokens.shape[-1]]
+    mask = nnx.make_causal_mask(tokens)
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.head(self.ln(x))
+
+
+def make_model(config: Config, seed: int) -> Transformer:
+  """A freshly initialised :class:`Transformer` (``nnx.Rngs(seed)``)."""
+  return Transformer(config, nnx.Rngs(seed))
+
+
+def count_params(model: nnx.Module) -> int:
+  """The number of trainable parameters."""
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
+
+
+@functools.partial(nnx.jit, static_argnames="order")
+def _grads(model: Transformer, tokens: jax.Array, scale: jax.Array, *, order: int):
+  """The mean next-token cross-entropy (predicting tokens ``order`` onwards, whose whole context
+  is in the sequence) and the gradients of ``scale`` times it. Shared by every arm."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+  def loss_fn(model):
+    logits = model(inputs)[:, order - 1 :]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets[:, order - 1 :])
+    ce = jnp.mean(ce)
+    return ce * scale, ce
+
+  (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  return ce, grads, clipax.global_norm(grads)
+
+
+@nnx.jit
+def _update(model: Transformer, optimizer: nnx.Optimizer, grads) -> dict:
+  """``optimizer.update(model, grads)``; returns the clipax metrics of the new optimizer state.
+
+  Kept apart from :func:`_grads` so that the forward and backward pass compile once for all arms.
+  """
+  optimizer.update(model, grads)
+  return clipax.metrics(optimizer.opt_state)
+
+
+# --- the experiment ------------------------------------------------------------------------------
+
+
+def median_ratios(losses: np.ndarray, is_bad: np.ndarray, window: int) -> dict[int, float]:
+  """``{step: loss / median of the previous window good steps' losses}`` for every good step
+  after the first ``window`` ones (bad batches are neither scored nor used in the median)."""
+  good = np.flatnonzero(~is_bad)
+  out = {}
+  for i in range(window, good.size):
+    median = np.median(losses[good[i - window : i]])
+    out[int(good[i])] = float(losses[good[i]] / median) if median > 0 else math.inf
+  return out
+
+
+def spikes(losses: np.ndarray, is_bad: np.ndarray, factor: float, window: int) -> np.ndarray:
+  """Steps whose loss is above ``factor`` times the median of the previous ``window`` good
+  steps' losses, or not finite (bad batches themselves are not counted, nor used in the median)."""
+  ratios = median_ratios(losses, is_bad, window)
+  return np.array(
+      [t for t, r in ratios.items() if not (np.isfinite(losses[t]) and r <= factor)], np.int64
+  )
+
+
+def _train_arm(config: Config, arm: str, seed: int, batches, progress: bool, desc: str) -> dict:
+  tokens, scale, is_bad, _ = batches
+  model = make_model(config, seed)
+  optimizer = nnx.Optimizer(model, make_tx(config, arm), wrt=nnx.Param)
+  losses, norms, history = [], [], []
+  for t in _common.progress_bar(range(config.steps), enabled=progress, desc=desc):
+    batch, loss_scale = jnp.asarray(tokens[t]), jnp.float32(scale[t])
+    ce, grads, norm = _grads(model, batch, loss_scale, order=config.order)
+    history.append(_update(model, optimizer, grads))
+    losses.append(ce)
+    norms.append(norm)
+  losses = np.asarray(jax.device_get(losses), np.float64)
+  norms = np.asarray(jax.device_get(norms), np.float64)
+  history = jax.device_get(history)
+  final = clipax.metrics(optimizer.opt_state)
+  return {"loss": losses, "grad_norm": norms, "history": history, "final_metrics": final}
+
+
+def _flag(history: list[dict], name: str) -> np.ndarray:
+  for key in history[0] if history else ():
+    if key.rsplit("/", 1)[-1] == name:
+      return np.array([bool(h[key]) for h in history])
+  return np.zeros(len(history), bool)
+
+
+def _rate(final: dict, name: str) -> float:
+  for key, value in final.items():
+    if key.rsplit("/", 1)[-1] == name:
+      return float(value)
+  return 0.0
+
+
+def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True) -> dict:
+  """Trains one model per arm and seed and returns every number (JSON-serialisable).
+
+  Args:
+    config: model, corpus and training sizes.
+    seeds: a number of seeds (``1`` means seed 0) or the seeds themselves; each seed draws its own
+      source, corpus and initialisation.
+    progress: show tqdm bars over the training steps.
+
+  Returns:
+    ``{"experiment": "spiky_lm", "config", "seeds", "arms", "missing_arms", "n_params", "floor",
+    "floors", "start_loss", "bad_steps", "results": {arm: {"final_loss", "gap_to_floor", "spikes",
+    "peak_ratio", "diverged", "clip_rate", "skip_rate", "max_grad_norm", "loss", "grad_norm",
+    "clipped", "skipped", "spike_steps", "verdict", "status", "per_seed": {metric: [value per
+    seed]}}}}``; the curves and the verdict are those of the first seed, the summary
+    numbers are medians over the seeds (``diverged``: any seed).
+  """
+  seed_ids = _common.seed_list(seeds)
+  arms = available_arms()
+  per_seed: dict[str, dict[str, list]] = {arm: {} for arm in arms}
+  curves: dict[str, dict] = {}
+  floors, starts = [], []
+  tail = max(10, config.steps // 20)
+  with _common.relaxed_promotion():
+    for seed in seed_ids:
+      batches = make_batches(config, seed)
+      is_bad = batches[2]
+      floors.append(batches[3])
+      n_params = count_params(nnx.eval_shape(lambda s=seed: make_model(config, s)))
+      for arm in arms:
+        out = _train_arm(config, arm, seed, batches, progress, f"spiky-lm {arm} seed {seed}")
+        loss = out["loss"]
+        good = loss[~is_bad]
+        spike_steps = spikes(loss, is_bad, config.spike_factor, config.median_window)
+        ratios = list(median_ratios(loss, is_bad, config.median_window).values())
+        final_loss = float(np.mean(good[-tail:]))
+        diverged = bool(not np.all(np.isfinite(loss)) or not final_loss <= loss[0])
+        clipped = _flag(out["history"], "clipped")
+        skipped = _flag(out["history"], "skipped")
+        verdict = (
+            clipax.diagnose(out["history"], window=min(100, config.steps))
+            if out["history"] and out["history"][0] else None
+        )
+        row = {
+            "final_loss": final_loss,
+            "gap_to_floor": final_loss - batches[3],
+            "spikes": int(spike_steps.size),
+            "peak_ratio": max(ratios, default=float("nan")),
+            "diverged": diverged,
+            "clip_rate": _rate(out["final_metrics"], "clip_rate"),
+            "skip_rate": _rate(out["final_metrics"], "skip_rate"),
+            "max_grad_norm": float(np.nanmax(out["grad_norm"])),
+        }
+        for key, value in row.items():
+          per_seed[arm].setdefault(key, []).append(_common.number(value))
+        if seed == seed_ids[0]:
+          starts.append(float(loss[0]))
+          curves[arm] = {
+              "loss": _common.numbers(loss),
+              "grad_norm": _common.numbers(out["grad_norm"]),
+              "clipped": [int(t) for t in np.flatnonzero(clipped)],
+              "skipped": [int(t) for t in np.flatnonzero(skipped)],
+              "spike_steps": [int(t) for t in spike_steps],
+              "verdict": None if verdict is None else str(verdict),
+              "status": None if verdict is None else verdict.status,
+          }
+  results = {}
+  for arm in arms:
+    ps = per_seed[arm]
+    summary = {
+        key: _common.number(np.nanmedian(np.array([np.nan if v is None else v for v in ps[key]])))
+        for key in ("final_loss", "gap_to_floor", "spikes", "peak_ratio", "clip_rate",
+                    "skip_rate", "max_grad_norm")
+    }
+    summary["diverged"] = any(ps["diverged"])
+    results[arm] = {**summary, **curves[arm], "per_seed": ps}
+  return {
+      "experiment": "spiky_lm",
+      "config": dataclasses.asdict(config),
+      "seeds": seed_ids,
+      "arms": arms,
+      "missing_arms": [arm for arm in ARMS if arm not in arms],
+      "n_params": n_params,
+      "floor": _common.number(float(np.median(floors))),
+      "floors": _common.numbers(floors),
+      "start_loss": _common.number(starts[0]) if starts else None,
+      "bad_steps": [int(t) for t in np.flatnonzero(is_bad)],
+      "results": results,
+  }
+
+
+def table(result: dict) -> str:
+  """A markdown table, one row per arm, with the source's loss floor in the caption, then the
+  :func:`clipax.diagnose` verdict of each arm that has a clipax state."""
+  header = [
+      "arm", "final loss", "gap to floor", "loss spikes", "worst loss / running median",
+      "diverged", "clip rate", "skip rate", "verdict",
+  ]
+  rows = []
+  for arm, r in result["results"].items():
+    rows.append([
+        arm,
+        _common.fmt(r["final_loss"]),
+        _common.fmt(r["gap_to_floor"]),
+        _common.fmt(r["spikes"], 0),
+        _common.fmt(r["peak_ratio"], 2),
+        "yes" if r["diverged"] else "no",
+        _common.fmt(r["clip_rate"]),
+        _common.fmt(r["skip_rate"]),
+        r["status"] or "-",
+    ])
+  c = result["config"]
+  caption = (
+      f"{result['n_params']:,} parameters, {c['steps']} AdamW steps (lr {c['lr']:g}), batch "
+      f"{c['batch_size']} x {c['seq_len']} tokens, bad batch (loss x {c['bad_scale']:g}) every "
+      f"{c['bad_every']} steps; loss floor (entropy rate of the source) "
+      f"{_common.fmt(result['floor'])} nats, start loss {_common.fmt(result['start_loss'])}; "
+      f"final loss = mean of the last {max(10, c['steps'] // 20)} good steps; medians over "
+      f"{len(result['seeds'])} seed(s)."
+  )
+  if result["missing_arms"]:
+    caption += f" Not in this version of clipax: {', '.join(result['missing_arms'])}."
+  verdicts = [
+      f"- {arm}: {r['verdict']}" for arm, r in result["results"].items() if r["verdict"]
+  ]
+  text = _common.markdown(header, rows) + "\n\n" + caption
+  if verdicts:
+    text += "\n\n`clipax.diagnose` on the last 100 steps (first seed):\n" + "\n".join(verdicts)
+  return text
+
+
+def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Loss and gradient-norm curves per arm (first seed); bad batches as grey lines, clipped steps
+  as dots, skipped steps as crosses."""
+  plt = _common.pyplot()
+  arms = list(result["results"])
+  fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True, layout="constrained")
+  cmap = plt.get_cmap("tab10")
+  for i, arm in enumerate(arms):
+    r = result["results"][arm]
+    color = cmap(i)
+    loss = np.array([np.nan if v is None else v for v in r["loss"]])
+    norm = np.array([np.nan if v is None else v for v in r["grad_norm"]])
+    axes[0].plot(loss, color=color, lw=0.8, label=arm)
+    axes[1].plot(norm, color=color, lw=0.8, label=arm)
+    if r["clipped"]:
+      axes[1].plot(r["clipped"], norm[r["clipped"]], ".", color=color, ms=2.5)
+    if r["skipped"]:
+      axes[1].plot(r["skipped"], norm[r["skipped"]], "x", color=color, ms=6)
+  for ax in axes:
+    for t in result["bad_steps"]:
+      ax.axvline(t, color="0.5", lw=0.8, ls="--", zorder=0)
+    ax.set_yscale("log")
+  if result["floor"] is not None:
+    axes[0].axhline(result["floor"], color="k", lw=0.8, ls=":", label="floor")
+  axes[0].set_ylabel("training loss (nats)")
+  axes[0].legend(fontsize=8, ncol=3)
+  axes[0].set_title(
+      "spiky LM: dashed lines are bad batches; dots clipped steps, crosses skipped steps",
+      fontsize=10,
+  )
+  axes[1].set_ylabel("gradient norm (pre-clip)")
+  axes[1].set_xlabel("step")
+  return [_common.save(fig, out_dir, "spiky_lm.png")]
