@@ -293,6 +293,11 @@ def _global(
 ) -> jax.Array:
   """The global norm; ``replicated[i]``: leaf ``i`` is the same on every shard of ``axis_name``."""
   dtype = _result_dtype(leaves)
+  if axis_name is None or not replicated or not any(replicated):
+    # Concatenate the small leaves once, outside the lax.cond below, so that its rescue branch
+    # closes over a few blocks rather than every leaf: on trees of thousands of leaves that cuts
+    # compile time by a third (benchmarks/README.md). ``_blocks`` of blocks is the same blocks.
+    leaves, replicated = _blocks(leaves), None
   if ord == math.inf:
     parts = [jnp.max(_magnitude(b)) for b in _blocks(leaves)]
     return _pmax(_total(parts, dtype, jnp.max), axis_name)
