@@ -17,6 +17,7 @@ Every norm in clipax is computed here, so dtype handling and ``axis_name`` are w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -226,15 +227,23 @@ def check_replicated(replicated: Replicated) -> None:
 
 def _sum_shards(
     leaves: list[jax.Array],
-    fn: Callable[[jax.Array], jax.Array],
+    fn: Callable[[jax.Array], jax.Array] | Sequence[Callable[[jax.Array], jax.Array]],
     dtype: jnp.dtype,
     axis_name: AxisName,
     replicated: Sequence[bool] | None,
 ) -> jax.Array:
-  """``sum(fn(block))`` over all shards, one scalar ``psum``; replicated leaves counted once."""
+  """``sum(fn(block))`` over all shards, one ``psum``; replicated leaves counted once.
+
+  ``fn`` may be a list of functions: the result is then the vector of their sums, each reducing
+  the same blocks (sibling reductions that XLA fuses into one pass), all-reduced in one ``psum``.
+  """
+  fns = list(fn) if isinstance(fn, (list, tuple)) else None
 
   def local(xs):
-    return _total([jnp.sum(fn(b)) for b in _blocks(xs)], dtype, jnp.sum)
+    blocks = _blocks(xs)
+    if fns is None:
+      return _total([jnp.sum(fn(b)) for b in blocks], dtype, jnp.sum)
+    return jnp.stack([_total([jnp.sum(f(b)) for b in blocks], dtype, jnp.sum) for f in fns])
 
   if axis_name is None or not replicated or not any(replicated):
     return _psum(local(leaves), axis_name)
@@ -263,6 +272,10 @@ _FACTORS = {
     jnp.dtype(jnp.float32): (2.0**-100, 2.0**64),
     jnp.dtype(jnp.float64): (2.0**-600, 2.0**500),
 }
+# The branch-free path computes the scaled-up sum on every call; clamping |x| there keeps it (and
+# its gradient) finite for large elements: (0.5 * 2**64)**2 = 2**126 < float32's max. The clamp
+# never bites when that sum is the one used (every |x| < 3.3e-10 then).
+_UP_CLAMP = {jnp.dtype(jnp.float32): 0.5, jnp.dtype(jnp.float64): 2.0**11}
 
 
 def _rescue_factor(s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -285,7 +298,40 @@ def _needs_rescue(s: jax.Array) -> jax.Array:
   return jnp.isinf(s) | (s < lo)
 
 
-def _global(
+def _scaled_powers(dtype: jnp.dtype, ord: float) -> list[Callable[[jax.Array], jax.Array]]:
+  """|x|^ord as is, scaled down and scaled (clamped) up: the three sums of the branch-free path."""
+  down, up = _FACTORS[jnp.dtype(dtype)]
+  clamp = _UP_CLAMP[jnp.dtype(dtype)]
+  return [
+      lambda b: _power(b, ord),
+      lambda b: _power(_magnitude(b).astype(dtype) * down, ord),
+      lambda b: _power(jnp.minimum(_magnitude(b).astype(dtype), clamp) * up, ord),
+  ]
+
+
+def _pick_sum(s: jax.Array, s_down: jax.Array, s_up: jax.Array, ord: float) -> jax.Array:
+  """The root of whichever of the three sums is exact (see :func:`_scaled_powers`)."""
+  down, up = _FACTORS[jnp.dtype(s.dtype)]
+  lo = math.sqrt(jnp.finfo(s.dtype).tiny)
+  rescued_up = _root(s_up, ord) * jnp.asarray(1 / up, s.dtype)
+  rescued_down = _root(s_down, ord) * jnp.asarray(1 / down, s.dtype)
+  small = jnp.where(s < lo, rescued_up, _root(s, ord))
+  return jnp.where(jnp.isinf(s), rescued_down, small)
+
+
+def _by_platform(cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
+  """``cpu()`` when compiling for the CPU, ``accelerator()`` for GPU and TPU.
+
+  The overflow rescue is a ``lax.cond`` on the CPU, where it costs nothing until it is taken. On
+  GPU a conditional copies its predicate to the host (a sync in the middle of the train step)
+  and measured one extra read of every gradient on an H100, so there the three sums (plain,
+  scaled down, scaled up) are computed in one fused pass, which is free in a memory-bound kernel,
+  and the exact one is selected.
+  """
+  return lax.platform_dependent(cpu=cpu, default=accelerator)
+
+
+def _global_value(
     leaves: list[jax.Array],
     ord: float,
     axis_name: AxisName,
@@ -302,17 +348,82 @@ def _global(
     parts = [jnp.max(_magnitude(b)) for b in _blocks(leaves)]
     return _pmax(_total(parts, dtype, jnp.max), axis_name)
 
-  s = _sum_shards(leaves, lambda b: _power(b, ord), dtype, axis_name, replicated)
+  def with_cond():
+    s = _sum_shards(leaves, lambda b: _power(b, ord), dtype, axis_name, replicated)
 
-  def plain(_):
-    return _root(s, ord)
+    def plain(_):
+      return _root(s, ord)
 
-  def rescued(_):
-    factor, inverse = _rescue_factor(s)
-    scaled = lambda b: _power(_magnitude(b).astype(dtype) * factor, ord)
-    return _root(_sum_shards(leaves, scaled, dtype, axis_name, replicated), ord) * inverse
+    def rescued(_):
+      factor, inverse = _rescue_factor(s)
+      scaled = lambda b: _power(_magnitude(b).astype(dtype) * factor, ord)
+      return _root(_sum_shards(leaves, scaled, dtype, axis_name, replicated), ord) * inverse
 
-  return lax.cond(_needs_rescue(s), rescued, plain, None)
+    return lax.cond(_needs_rescue(s), rescued, plain, None)
+
+  def branch_free():
+    sums = _sum_shards(leaves, _scaled_powers(dtype, ord), dtype, axis_name, replicated)
+    return _pick_sum(sums[0], sums[1], sums[2], ord)
+
+  return _by_platform(with_cond, branch_free)
+
+
+# Derivatives. Differentiating through the rescued sums directly overflows: the reverse pass of
+# ``sqrt(s_down) * 2**100`` has a cotangent ``2**199 / norm`` for ``s_down``, inf for norms below
+# 2e21. The norm's derivative is simply ``Re(conj(x) dx) / norm`` (ord 2) or ``Re(sign(x) dx)``
+# (ord 1), so that is what the JVP rules below compute, on top of whichever way the value was
+# measured. At a zero norm the (sub)gradient is 0, never NaN.
+
+
+def _unit(x: jax.Array, n: jax.Array, ord: float) -> jax.Array:
+  """The derivative of the norm with respect to ``x``, as the coefficient of ``Re(c * dx)``."""
+  acc = n.dtype
+  if ord == 1:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      mag = jnp.abs(x).astype(acc)
+      return jnp.where(mag > 0, jnp.conj(x) / jnp.where(mag > 0, mag, 1).astype(x.dtype), 0)
+    return jnp.sign(x).astype(acc)
+  safe = jnp.where(n > 0, n, 1)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return jnp.where(n > 0, jnp.conj(x) / safe.astype(x.dtype), 0)
+  return jnp.where(n > 0, x.astype(acc) / safe, 0)
+
+
+def _pair(c: jax.Array, dx: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``Re(c * dx)`` in the accumulation dtype."""
+  if jnp.issubdtype(c.dtype, jnp.complexfloating) or jnp.issubdtype(dx.dtype, jnp.complexfloating):
+    return jnp.real(c * dx.astype(c.dtype)).astype(acc)
+  return c.astype(acc) * dx.astype(acc)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _global_smooth(ord, axis_name, replicated, leaves):
+  return _global_value(list(leaves), ord, axis_name, replicated)
+
+
+@_global_smooth.defjvp
+def _global_smooth_jvp(ord, axis_name, replicated, primals, tangents):
+  (leaves,), (dleaves,) = primals, tangents
+  n = _global_smooth(ord, axis_name, replicated, leaves)
+  products = [_pair(_unit(x, n, ord), dx, n.dtype) for x, dx in zip(leaves, dleaves, strict=True)]
+  return n, _sum_shards(products, lambda p: p, n.dtype, axis_name, replicated)
+
+
+def _global(
+    leaves: list[jax.Array],
+    ord: float,
+    axis_name: AxisName,
+    replicated: Sequence[bool] | None = None,
+) -> jax.Array:
+  """The global norm, with an overflow-safe derivative (ord 1 and 2)."""
+  if ord == math.inf or not leaves:
+    return _global_value(leaves, ord, axis_name, replicated)
+  rep = None if replicated is None else tuple(bool(r) for r in replicated)
+  return _global_smooth(ord, _hashable(axis_name), rep, tuple(leaves))
+
+
+def _hashable(axis_name: AxisName) -> AxisName:
+  return tuple(axis_name) if isinstance(axis_name, list) else axis_name
 
 
 def global_norm(
@@ -385,7 +496,7 @@ def global_norm(
     return by_ord(ord, lambda o: _global(leaves, o, axis_name, rep))
 
 
-def _leafwise(
+def _leafwise_value(
     leaves: list[jax.Array],
     ord: float,
     axis_name: AxisName,
@@ -403,22 +514,59 @@ def _leafwise(
     m = _pmax(jnp.stack([maxabs(x) for x in leaves]), axis_name)
     return list(m)
 
-  s = jnp.stack([jnp.sum(_power(x, ord)).astype(dtype) for x in leaves])
-  s = _psum(_count_once(s, axis_name, replicated), axis_name)
+  def with_cond():
+    s = jnp.stack([jnp.sum(_power(x, ord)).astype(dtype) for x in leaves])
+    s = _psum(_count_once(s, axis_name, replicated), axis_name)
 
-  def plain(_):
-    return _root(s, ord)
+    def plain(_):
+      return _root(s, ord)
 
-  def rescued(_):
-    factor, inverse = _rescue_factor(s)
-    t = jnp.stack([
-        jnp.sum(_power(_magnitude(x).astype(dtype) * factor[i], ord))
-        for i, x in enumerate(leaves)
-    ])
-    return _root(_psum(_count_once(t, axis_name, replicated), axis_name), ord) * inverse
+    def rescued(_):
+      factor, inverse = _rescue_factor(s)
+      t = jnp.stack([
+          jnp.sum(_power(_magnitude(x).astype(dtype) * factor[i], ord))
+          for i, x in enumerate(leaves)
+      ])
+      return _root(_psum(_count_once(t, axis_name, replicated), axis_name), ord) * inverse
 
-  norms = lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
-  return list(norms)
+    return lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
+
+  def branch_free():
+    fns = _scaled_powers(dtype, ord)
+    s = jnp.stack([jnp.stack([jnp.sum(f(x)).astype(dtype) for x in leaves]) for f in fns])
+    s = _psum(jnp.stack([_count_once(row, axis_name, replicated) for row in s]), axis_name)
+    return _pick_sum(s[0], s[1], s[2], ord)
+
+  return list(_by_platform(with_cond, branch_free))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _leafwise_smooth(ord, axis_name, replicated, leaves):
+  return jnp.stack(_leafwise_value(list(leaves), ord, axis_name, replicated))
+
+
+@_leafwise_smooth.defjvp
+def _leafwise_smooth_jvp(ord, axis_name, replicated, primals, tangents):
+  (leaves,), (dleaves,) = primals, tangents
+  n = _leafwise_smooth(ord, axis_name, replicated, leaves)
+  t = jnp.stack([
+      jnp.sum(_pair(_unit(x, n[i], ord), dx, n.dtype))
+      for i, (x, dx) in enumerate(zip(leaves, dleaves, strict=True))
+  ])
+  return n, _psum(_count_once(t, axis_name, replicated), axis_name)
+
+
+def _leafwise(
+    leaves: list[jax.Array],
+    ord: float,
+    axis_name: AxisName,
+    replicated: Sequence[bool] | None = None,
+) -> list[jax.Array]:
+  """One norm per leaf (one collective for all), with an overflow-safe derivative."""
+  if ord == math.inf or not leaves:
+    return _leafwise_value(leaves, ord, axis_name, replicated)
+  rep = None if replicated is None else tuple(bool(r) for r in replicated)
+  return list(_leafwise_smooth(ord, _hashable(axis_name), rep, tuple(leaves)))
 
 
 def leaf_norms(

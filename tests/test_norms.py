@@ -9,9 +9,19 @@ import pytest
 from _refs import as64, assert_close, leaf_norm64, norm64
 
 import clipax
+from clipax import _norms
 
 ORDS = [1, 2, math.inf]
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def path(request, monkeypatch):
+  """Runs a test through both overflow-rescue paths: the ``lax.cond`` one compiled for the CPU
+  and the branch-free one compiled for GPU/TPU (forced here, on the CPU)."""
+  if request.param == "accelerator":
+    monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator: accelerator())
+  return request.param
 
 
 def _tree(rng, dtype, scale=1.0):
@@ -25,7 +35,7 @@ def _tree(rng, dtype, scale=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ord", ORDS)
-def test_global_norm_matches_float64(dtype, ord):
+def test_global_norm_matches_float64(dtype, ord, path):
   tree = _tree(np.random.default_rng(0), dtype)
   got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
   assert got.dtype == jnp.float32
@@ -34,7 +44,7 @@ def test_global_norm_matches_float64(dtype, ord):
 
 
 @pytest.mark.parametrize("ord", ORDS)
-def test_leaf_norms_match_float64(ord):
+def test_leaf_norms_match_float64(ord, path):
   tree = _tree(np.random.default_rng(1), jnp.bfloat16)
   got = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(tree)
@@ -53,7 +63,7 @@ def test_float16_300_does_not_overflow():
 
 @pytest.mark.parametrize("ord", [1, 2])
 @pytest.mark.parametrize("value", [1e20, 1e30, 1e38, 3e38, 1e-20, 1e-30, 1e-37])
-def test_extreme_float32_magnitudes_give_the_true_norm(value, ord):
+def test_extreme_float32_magnitudes_give_the_true_norm(value, ord, path):
   x = np.array([value, -value / 2, value / 3, 0.0], np.float32)
   with np.errstate(over="ignore"):
     want = np.float32(norm64([x], ord))  # inf where the true norm is past float32's max
@@ -63,14 +73,14 @@ def test_extreme_float32_magnitudes_give_the_true_norm(value, ord):
   assert_close(got_leaf, want, jnp.float32)
 
 
-def test_huge_norm_that_overflows_float32_is_inf_not_nan():
+def test_huge_norm_that_overflows_float32_is_inf_not_nan(path):
   x = jnp.full((4,), 3e38, jnp.float32)  # the true norm 6e38 is not representable
   assert np.isposinf(float(clipax.global_norm(x)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("ord", ORDS)
-def test_nonfinite_elements_give_a_nonfinite_norm(bad, ord):
+def test_nonfinite_elements_give_a_nonfinite_norm(bad, ord, path):
   tree = {"a": jnp.ones(3), "b": jnp.array([1.0, bad])}
   got = float(jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree))
   if np.isnan(bad):
@@ -82,7 +92,7 @@ def test_nonfinite_elements_give_a_nonfinite_norm(bad, ord):
   assert not np.isfinite(float(leaf["b"]))
 
 
-def test_empty_none_and_zero_size_give_zero():
+def test_empty_none_and_zero_size_give_zero(path):
   for tree in [{}, [], None, {"a": None}, {"a": jnp.zeros((0, 3))}, (jnp.zeros((2, 0)), None)]:
     for ord in ORDS:
       n = jax.jit(lambda t, o=ord: clipax.global_norm(t, ord=o))(tree)
@@ -116,7 +126,7 @@ def test_ord_inf_spelled_as_string():
   assert float(clipax.global_norm(x, ord="inf")) == 7.0
 
 
-def test_float64_accumulates_in_float64_under_x64():
+def test_float64_accumulates_in_float64_under_x64(path):
   with jax.enable_x64(True):
     x = jnp.asarray(np.array([1e200, 1e200]))
     assert x.dtype == jnp.float64
@@ -132,12 +142,15 @@ def test_many_small_leaves_match_reference():
   assert_close(jax.jit(clipax.global_norm)(tree), norm64(tree), jnp.float32)
 
 
-def test_gradient_of_norm_is_finite_at_zero_and_correct_elsewhere():
-  grad = jax.grad(lambda t: clipax.global_norm(t))
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+def test_gradient_of_norm_is_finite_at_zero_and_correct_elsewhere(path, scale):
+  grad = jax.jit(jax.grad(lambda t: clipax.global_norm(t)))
   g0 = grad({"w": jnp.zeros(3)})
   assert np.all(np.isfinite(np.asarray(g0["w"])))
-  x = jnp.array([3.0, 4.0])
+  x = jnp.array([3.0, 4.0]) * scale
   np.testing.assert_allclose(np.asarray(grad({"w": x})["w"]), [0.6, 0.8], rtol=1e-6)
+  leaf_grad = jax.jit(jax.grad(lambda t: clipax.leaf_norms(t)["w"]))
+  np.testing.assert_allclose(np.asarray(leaf_grad({"w": x})["w"]), [0.6, 0.8], rtol=1e-6)
 
 
 def _unit_ref(x, axes):
