@@ -61,3 +61,17 @@ def clip64(tree, max_norm: float, ord=2):
 
 def assert_close(actual, desired, dtype=jnp.float32, **kw):
   np.testing.assert_allclose(as64(actual), as64(desired), rtol=kw.pop("rtol", rtol(dtype)), **kw)
+
+
+def spiky_norms(n, seed, *, base, sigma, spikes, nans, infs, first_bad):
+  """A synthetic stream of global norms: log-normal around ``base`` (log-spread ``sigma``), a
+  ``spikes`` fraction multiplied by 10-100x, and ``nans`` NaNs and ``infs`` Infs at random steps
+  from ``first_bad`` on."""
+  rng = np.random.default_rng(seed)
+  norms = base * np.exp(sigma * rng.standard_normal(n))
+  spike = rng.random(n) < spikes
+  norms[spike] *= rng.uniform(10, 100, spike.sum())
+  bad = rng.choice(np.arange(first_bad, n), nans + infs, replace=False)
+  norms[bad[:nans]] = np.nan
+  norms[bad[nans:]] = np.inf
+  return norms

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64
+from _refs import as64, norm64, spiky_norms
 
 import clipax
 from clipax._adaptive import warming_up
@@ -110,14 +110,8 @@ SHAPES = {"a": (4,), "b": (2, 3)}
 
 def norm_stream(n, seed, *, base=0.8, spikes=0.04, nans=6, infs=3):
   """Log-normal norms around ``base`` with 10-100x spikes, NaNs and Infs at random steps."""
-  rng = np.random.default_rng(seed)
-  norms = base * np.exp(0.25 * rng.standard_normal(n))
-  spike = rng.random(n) < spikes
-  norms[spike] *= rng.uniform(10, 100, spike.sum())
-  bad = rng.choice(np.arange(5, n), nans + infs, replace=False)
-  norms[bad[:nans]] = np.nan
-  norms[bad[nans:]] = np.inf
-  return norms
+  return spiky_norms(n, seed, base=base, sigma=0.25, spikes=spikes, nans=nans, infs=infs,
+                     first_bad=5)
 
 
 def grads_for(norms, seed):

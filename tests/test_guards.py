@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64
+from _refs import as64, norm64, spiky_norms
 
 import clipax
 
@@ -40,14 +40,8 @@ class SkipSpikesRef:
 
 
 def norm_stream(n, seed, *, base=1.0, spikes=0.03, nans=5, infs=2):
-  rng = np.random.default_rng(seed)
-  norms = base * np.exp(0.2 * rng.standard_normal(n))
-  spike = rng.random(n) < spikes
-  norms[spike] *= rng.uniform(10, 100, spike.sum())
-  bad = rng.choice(np.arange(3, n), nans + infs, replace=False)
-  norms[bad[:nans]] = np.nan
-  norms[bad[nans:]] = np.inf
-  return norms
+  return spiky_norms(n, seed, base=base, sigma=0.2, spikes=spikes, nans=nans, infs=infs,
+                     first_bad=3)
 
 
 def grads_for(norms):
