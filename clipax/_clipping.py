@@ -20,6 +20,7 @@ from clipax._norms import (
     AxisName,
     ReductionAxes,
     Replicated,
+    _global,
     _leafwise,
     by_ord,
     canonical_ord,
@@ -68,19 +69,11 @@ def _recorded_scale(scale: jax.Array, zero: jax.Array | None) -> jax.Array:
 
 
 def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
-  """The ``ord``-norm of a set of norms (or norm arrays) without overflow."""
+  """The ``ord``-norm of a set of norms (or norm arrays): the global norm of the tree they came
+  from, measured by :mod:`clipax._norms` with its exact overflow rescue."""
   if not norms:
     return jnp.zeros([], jnp.float32)
-  dtype = max((jnp.dtype(n.dtype) for n in norms), key=lambda d: d.itemsize)
-  flat = jnp.concatenate([jnp.ravel(n).astype(dtype) for n in norms])
-  m = jnp.max(flat)
-  if ord == math.inf:
-    return m
-  usable = (m > 0) & jnp.isfinite(m)
-  safe_m = jnp.where(usable, m, 1)
-  r = flat / safe_m
-  total = jnp.sum(r) if ord == 1 else jnp.sqrt(jnp.sum(r * r))
-  return jnp.where(usable, safe_m * total, m)
+  return _global([jnp.ravel(n) for n in norms], ord, None)
 
 
 def _clip(

@@ -332,3 +332,15 @@ def test_eps_zero_is_rejected_and_ord_checked():
     clipax.clip_by_global_norm(1.0, ord=3)
   with pytest.raises(ValueError, match="`ord`"):
     clipax.clip_by_leaf_norm(1.0, ord="fro")
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_per_leaf_clippers_record_the_true_global_norm_near_float32_max(jit):
+  # The recorded global norm combines the per-leaf norms; 1 / max is subnormal above 8.5e37,
+  # so combining by dividing by the largest norm gave 0 here.
+  grads = {"a": jnp.full((2,), 1.5e38, jnp.float32), "b": jnp.full((2,), 7e37, jnp.float32)}
+  tx = clipax.clip_by_leaf_norm(1.0)
+  update = jax.jit(tx.update) if jit else tx.update
+  _, state = update(grads, tx.init(grads))
+  assert_close(state.norm, norm64(grads), jnp.float32)
+  assert bool(state.clipped) and int(state.nonfinite_count) == 0
