@@ -75,3 +75,18 @@ def spiky_norms(n, seed, *, base, sigma, spikes, nans, infs, first_bad):
   norms[bad[:nans]] = np.nan
   norms[bad[nans:]] = np.inf
   return norms
+
+
+def run_scan(tx, grads, params=None):
+  """Runs ``tx.update`` over the leading axis of ``grads`` inside one jitted ``lax.scan``;
+  returns ``(final state, (updates, states))``."""
+
+  @jax.jit
+  def run(grads):
+    def body(state, g):
+      out, state = tx.update(g, state, params)
+      return state, (out, state)
+
+    return jax.lax.scan(body, tx.init(params), grads)
+
+  return run(grads)

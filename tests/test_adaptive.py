@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64, spiky_norms
+from _refs import as64, norm64, run_scan, spiky_norms
 
 import clipax
 from clipax._adaptive import warming_up
@@ -144,20 +144,6 @@ def leaf_stream(n, seed):
   for t in rng.choice(np.arange(3, n), 4, replace=False):
     out["b"][t, 0, 0] = np.nan
   return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
-
-
-def run_scan(tx, grads, params=None):
-  """Runs ``tx.update`` over the leading axis inside one jitted ``lax.scan``."""
-
-  @jax.jit
-  def run(grads):
-    def body(state, g):
-      out, state = tx.update(g, state, params)
-      return state, (out, state)
-
-    return jax.lax.scan(body, tx.init(params), grads)
-
-  return run(grads)
 
 
 def assert_trees_equal(a, b):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64, spiky_norms
+from _refs import as64, norm64, run_scan, spiky_norms
 
 import clipax
 
@@ -50,18 +50,6 @@ def grads_for(norms):
   g = np.where(np.isfinite(norms), norms, 1.0)[:, None] * d[None, :]
   g[~np.isfinite(norms), 0] = norms[~np.isfinite(norms)]
   return {"w": jnp.asarray(g, jnp.float32)}
-
-
-def run_scan(tx, grads, params):
-  @jax.jit
-  def run(grads):
-    def body(state, g):
-      out, state = tx.update(g, state, params)
-      return state, (out, state)
-
-    return jax.lax.scan(body, tx.init(params), grads)
-
-  return run(grads)
 
 
 def leaves(tree):
