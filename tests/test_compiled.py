@@ -1,0 +1,89 @@
+"""What the compiled CPU programs do with half-precision gradients, read off their HLO.
+
+Speed itself is measured in benchmarks/ (``--cases half``); these tests pin the structure that
+makes it: no float32 copy of a whole float16/bfloat16 gradient is ever written to memory.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _refs import assert_close, leaf_norm64, norm64
+
+import clipax
+
+SHAPE = (400, 331)  # 132,400 elements: four 32K chunks and a tail
+
+
+def _cpu(tree):
+  return jax.device_put(tree, jax.devices("cpu")[0])
+
+
+def _entry_shapes(fn, *args) -> set[str]:
+  """The result shapes (``f32[400,331]``) of the instructions of the compiled entry computation:
+  the buffers the program writes to memory."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  entry = text[text.index("\nENTRY") :]
+  return set(re.findall(r"= (\w+\[[\d,]*\])", entry))
+
+
+def _full_size_f32(shapes: set[str]) -> set[str]:
+  n = SHAPE[0] * SHAPE[1]
+  full = {f"f32[{SHAPE[0]},{SHAPE[1]}]", f"f32[{n}]"}
+  return shapes & full
+
+
+def _grads(dtype):
+  rng = np.random.default_rng(0)
+  return _cpu({
+      "w": jnp.asarray(rng.normal(size=SHAPE) * 100, dtype),
+      "b": jnp.asarray(rng.normal(size=(7,)), dtype),
+  })
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_norm_of_half_precision_leaf_writes_no_float32_copy(dtype):
+  grads = _grads(dtype)
+  assert not _full_size_f32(_entry_shapes(clipax.global_norm, grads))
+  assert_close(jax.jit(clipax.global_norm)(grads), norm64(grads), jnp.float32, rtol=2e-6)
+  norms = jax.jit(clipax.leaf_norms)(grads)
+  assert not _full_size_f32(_entry_shapes(clipax.leaf_norms, grads))
+  assert_close(norms["w"], leaf_norm64(grads["w"]), jnp.float32, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "make", [clipax.clip_by_global_norm, lambda c: clipax.zclip(), clipax.clip_by_leaf_norm],
+    ids=["global", "zclip", "leaf"],
+)
+def test_half_precision_clip_writes_no_float32_copy(dtype, make):
+  grads = _grads(dtype)
+  tx = make(1.0)
+  state = tx.init(grads)
+  shapes = _entry_shapes(lambda g, s: tx.update(g, s), grads, state)
+  assert not _full_size_f32(shapes), shapes
+  out, _ = jax.jit(tx.update)(grads, state)
+  assert out["w"].dtype == dtype and np.all(np.isfinite(np.asarray(out["w"], np.float32)))
+
+
+def test_half_precision_clip_matches_float64_through_the_chunked_sum():
+  grads = _grads(jnp.float16)
+  tx = clipax.clip_by_global_norm(1.0)
+  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  n = norm64(grads)
+  assert_close(state.norm, n, jnp.float32, rtol=2e-6)
+  for k in grads:
+    want = np.asarray(grads[k], np.float64) / n
+    np.testing.assert_allclose(np.asarray(out[k], np.float64), want, rtol=1e-3, atol=1e-7)
+
+
+def test_chained_with_sgd_in_bfloat16_writes_no_float32_gradient_copy():
+  grads = _grads(jnp.bfloat16)
+  params = jax.tree_util.tree_map(jnp.zeros_like, grads)
+  tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  state = tx.init(params)
+  shapes = _entry_shapes(lambda g, s, p: tx.update(g, s, p), grads, state, params)
+  assert not _full_size_f32(shapes), shapes
