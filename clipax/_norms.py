@@ -36,10 +36,15 @@ Replicated = Any
 # Leaves with at most this many elements are concatenated (per dtype) before reducing, so a tree
 # of thousands of small leaves compiles to a handful of reductions instead of one per leaf.
 _SMALL_LEAF = 1 << 16
+# ... at most this many leaves per concatenation: XLA:CPU's compile time grows faster than
+# linearly with the operands of one concatenate (15 s for 10,000 leaves in one, 2.5 s in groups
+# of 128, which also run faster: benchmarks/README.md, "Compile time").
+_GROUP = 128
 
-# On the CPU, float16 blocks larger than this are summed in chunks of this many elements (see
-# :func:`_cpu_sum`).
+# On the CPU, float16 blocks of more than _CPU_CHUNKED elements are summed in chunks of
+# _CPU_CHUNK elements (see :func:`_cpu_sum`).
 _CPU_CHUNK = 1 << 15
+_CPU_CHUNKED = 1 << 16
 
 _ORDS = (1, 2, math.inf)
 
@@ -146,7 +151,8 @@ def _maybe_sharded(x: jax.Array) -> bool:
 
 
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
-  """Large or mesh-sharded leaves as they are; small local leaves concatenated per dtype."""
+  """Large or mesh-sharded leaves as they are; small local leaves concatenated per dtype, in
+  groups of at most ``_GROUP`` leaves."""
   blocks, small = [], {}
   for x in leaves:
     if x.size == 0:
@@ -156,7 +162,9 @@ def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
     else:
       blocks.append(x)
   for group in small.values():
-    blocks.append(group[0] if len(group) == 1 else jnp.concatenate(group))
+    for i in range(0, len(group), _GROUP):
+      part = group[i : i + _GROUP]
+      blocks.append(part[0] if len(part) == 1 else jnp.concatenate(part))
   return blocks
 
 
@@ -171,7 +179,7 @@ def _cpu_sum(b: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
   exact as one ``jnp.sum``.
   """
   n = b.size
-  if b.dtype != jnp.float16 or n <= 2 * _CPU_CHUNK:
+  if b.dtype != jnp.float16 or n <= max(_CPU_CHUNKED, _CPU_CHUNK):
     return jnp.sum(fn(b))
   flat, k = b.ravel(), n // _CPU_CHUNK
 

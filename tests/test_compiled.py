@@ -36,6 +36,17 @@ def _full_size_f32(shapes: set[str]) -> set[str]:
   return shapes & full
 
 
+def _eqns(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in it (custom_jvp, cond, ...)."""
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
 def _grads(dtype):
   rng = np.random.default_rng(0)
   return _cpu({
@@ -87,3 +98,16 @@ def test_chained_with_sgd_in_bfloat16_writes_no_float32_gradient_copy():
   state = tx.init(params)
   shapes = _entry_shapes(lambda g, s, p: tx.update(g, s, p), grads, state, params)
   assert not _full_size_f32(shapes), shapes
+
+
+def test_many_small_leaves_are_concatenated_in_bounded_groups():
+  # One concatenate of thousands of operands compiles in time superlinear in the leaf count.
+  rng = np.random.default_rng(1)
+  sizes = rng.integers(1, 50, size=300)
+  tree = [jnp.asarray(rng.normal(size=(int(n),)), jnp.float32) for n in sizes]
+  concats = [e for e in _eqns(jax.make_jaxpr(clipax.global_norm)(tree).jaxpr)
+             if e.primitive.name == "concatenate"]
+  # the leaves' groups, told from the small stacks of partial sums by their operand count
+  groups = [len(e.invars) for e in concats if len(e.invars) > 3]
+  assert groups and max(groups) <= 128 and sum(groups) == 300, groups
+  assert_close(jax.jit(clipax.global_norm)(tree), norm64(tree), jnp.float32, rtol=2e-6)
