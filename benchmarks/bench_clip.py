@@ -346,21 +346,22 @@ def bench_tree(label: str, case: str, tree: Any, args: argparse.Namespace, *,
   dtype = str(jax.tree.leaves(tree)[0].dtype)
   print(f"[bench] {label}: {n_leaves} leaves, {nbytes / 2**20:.1f} MiB {dtype}", flush=True)
   ours, theirs = clipax.clip_by_global_norm, optax.clip_by_global_norm
-  runners = [
-      clip_runner("clipax", ours, tree, donate=True),
-      roofline_runner("rw_donated", tree, donate=True),
-      roofline_runner("rw", tree, donate=False),
-      read_runner("read", tree),
-  ]
+  runners = [clip_runner("clipax", ours, tree, donate=True)]
+  if not args.ab:
+    runners += [
+        roofline_runner("rw_donated", tree, donate=True),
+        roofline_runner("rw", tree, donate=False),
+        read_runner("read", tree),
+    ]
   if with_optax:
     runners.append(clip_runner("optax", theirs, tree, donate=True))
-  if plain:
+  if plain and not args.ab:
     runners.append(clip_runner("clipax_plain", ours, tree, donate=False))
     if with_optax:
       runners.append(clip_runner("optax_plain", theirs, tree, donate=False))
   for n in args.small_leaf_variants:
     runners.append(clip_runner(f"clipax[small_leaf={n}]", ours, tree, donate=True, small_leaf=n))
-  if torch is not None and not args.no_torch:
+  if torch is not None and not args.no_torch and not args.ab:
     runners.append(torch_clip_runner(tree))
     if torch_device() == "cuda":
       runners.append(torch_copy_runner(tree))
@@ -370,7 +371,7 @@ def bench_tree(label: str, case: str, tree: Any, args: argparse.Namespace, *,
   gbps = {k: nbytes * passes.get(k, 3) / t / 1e9 for k, t in med.items()}
   # A global-norm clip must read every byte twice (the scale needs the whole norm first): its
   # best time is a read pass plus an r+w pass, whatever the bandwidth of each on this machine.
-  two_pass = med["read"] + med["rw_donated"]
+  two_pass = med["read"] + med["rw_donated"] if "read" in med else None
   record = {
       "case": case,
       "label": label,
@@ -547,7 +548,7 @@ def markdown(env: dict, records: list[dict]) -> str:
           f"| {r['label']} | {r['dtype']} | {r['n_leaves']} | {r['bytes'] / 2**20:.0f} "
           f"| {_ms(t, 'clipax')} | {optax_ms} | {_ms(t, 'torch')} | {_ms(t, 'rw_donated')} "
           f"| {_x(q['clipax/optax'])} | {_x(q['clipax/torch'])} | {g['clipax']:.1f} "
-          f"| {g['rw_donated']:.1f} | {_x(q['achieved/roofline'])} |"
+          f"| {_x(g.get('rw_donated'), '{:.1f}')} | {_x(q['achieved/roofline'])} |"
       )
     lines += [
         "",
@@ -561,9 +562,11 @@ def markdown(env: dict, records: list[dict]) -> str:
     ]
     for r in clip:
       t, g, q = r["times"], r["bandwidth_GBps"], r["ratios"]
+      bound = q["two_pass_bound_s"]
       lines.append(
           f"| {r['label']} | {r['dtype']} | {_ms(t, 'read')} | {_ms(t, 'rw_donated')} "
-          f"| {g['read']:.1f} | {g['rw_donated']:.1f} | {q['two_pass_bound_s'] * 1e3:.3f} "
+          f"| {_x(g.get('read'), '{:.1f}')} | {_x(g.get('rw_donated'), '{:.1f}')} "
+          f"| {_x(bound and bound * 1e3, '{:.3f}')} "
           f"| {_ms(t, 'clipax')} | {_x(q['two_pass/clipax'])} | {_x(q['two_pass/optax'])} |"
       )
     lines += [
@@ -657,6 +660,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--small-leaf-variants", default="",
                  help="experiment: also time clipax traced with these bounds (elements) on the "
                       "leaves it concatenates before reducing, e.g. 0,4194304")
+  p.add_argument("--ab", action="store_true",
+                 help="time clipax and optax (donated) only: on a CPU whose cache holds the "
+                      "tree, the other runners' buffers evict it and skew small trees")
   p.add_argument("--out", default=None,
                  help="folder to write bench_<platform>.json and .md into (default: print only)")
   p.add_argument("--tag", default=None, help="suffix of the output file names")
