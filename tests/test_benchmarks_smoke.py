@@ -57,9 +57,11 @@ def test_quick_run_writes_tables_and_json(bench_clip, tmp_path, capsys):
     assert f"| {record['label']} |" in printed
   assert (bf16["dtype"], fp16["dtype"]) == ("bfloat16", "float16")
   assert bf16["bytes"] == 2 * bf16["n_params"]
-  assert {"clipax", "optax", "rw", "rw_donated", "clipax_plain", "optax_plain"} <= set(
+  assert {"clipax", "optax", "rw", "rw_donated", "read", "clipax_plain", "optax_plain"} <= set(
       bf16["times"])
   assert bf16["ratios"]["clipax/optax"] > 0
+  bound = bf16["times"]["read"]["median_s"] + bf16["times"]["rw_donated"]["median_s"]
+  assert bf16["ratios"]["two_pass_bound_s"] == pytest.approx(bound)
   assert sweep["n_leaves"] == 40
   assert set(step["times"]) == {"adamw", "clipax+adamw", "optax+adamw"}
   assert "| adamw | clipax + adamw |" in printed
@@ -72,3 +74,12 @@ def test_optax_cap_skips_optax(bench_clip, tmp_path):
   assert record["optax_skipped"]
   assert "optax" not in record["times"]
   assert record["ratios"]["clipax/optax"] is None
+
+
+def test_ab_times_only_the_two_clippers(bench_clip, capsys):
+  argv = ["--quick", "--cases", "leaf", "--sizes", "64K", "--ab", "--repeats", "1",
+          "--min-sample-s", "0"]
+  (record,) = bench_clip.main(argv)["results"]
+  assert set(record["times"]) == {"clipax", "optax"}
+  assert record["ratios"]["clipax/optax"] > 0 and record["ratios"]["two_pass_bound_s"] is None
+  assert "| leaf 64K | float32 |" in capsys.readouterr().out
