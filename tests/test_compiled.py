@@ -4,6 +4,7 @@ Speed itself is measured in benchmarks/ (``--cases half``); these tests pin the 
 makes it: no float32 copy of a whole float16/bfloat16 gradient is ever written to memory.
 """
 
+import math
 import re
 
 import jax
@@ -65,14 +66,23 @@ def test_norm_of_half_precision_leaf_writes_no_float32_copy(dtype):
   assert_close(norms["w"], leaf_norm64(grads["w"]), jnp.float32, rtol=2e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-@pytest.mark.parametrize(
-    "make", [clipax.clip_by_global_norm, lambda c: clipax.zclip(), clipax.clip_by_leaf_norm],
-    ids=["global", "zclip", "leaf"],
-)
-def test_half_precision_clip_writes_no_float32_copy(dtype, make):
+_CLIPPERS = {
+    "global": clipax.clip_by_global_norm,
+    "zclip": lambda c: clipax.zclip(),
+    "leaf": clipax.clip_by_leaf_norm,
+    "value": clipax.clip_by_value,
+    "global-inf": lambda c: clipax.clip_by_global_norm(c, ord=math.inf),
+}
+# Not bfloat16 clip_by_value: its two norms (L2 and max) share one float32 convert of each leaf,
+# which XLA:CPU writes out; a barrier between them breaks the max's fusion instead (slower).
+_CASES = [(jnp.float16, k) for k in _CLIPPERS] + [
+    (jnp.bfloat16, k) for k in _CLIPPERS if k != "value"]
+
+
+@pytest.mark.parametrize("dtype,name", _CASES)
+def test_half_precision_clip_writes_no_float32_copy(dtype, name):
   grads = _grads(dtype)
-  tx = make(1.0)
+  tx = _CLIPPERS[name](1.0)
   state = tx.init(grads)
   shapes = _entry_shapes(lambda g, s: tx.update(g, s), grads, state)
   assert not _full_size_f32(shapes), shapes
@@ -111,3 +121,16 @@ def test_many_small_leaves_are_concatenated_in_bounded_groups():
   groups = [len(e.invars) for e in concats if len(e.invars) > 3]
   assert groups and max(groups) <= 128 and sum(groups) == 300, groups
   assert_close(jax.jit(clipax.global_norm)(tree), norm64(tree), jnp.float32, rtol=2e-6)
+
+
+@pytest.mark.parametrize("n", [3 * 32768, 3 * 32768 + 1])
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+def test_float16_chunk_boundaries_match_float64(n, ord):
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n,)) * 50
+  x[-1] = 6e4  # the largest element sits in the remainder (or the last chunk)
+  tree = _cpu({"x": jnp.asarray(x, jnp.float16), "y": jnp.ones((3,), jnp.float16)})
+  got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
+  assert_close(got, norm64(tree, ord), jnp.float32, rtol=2e-6)
+  leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)["x"]
+  assert_close(leaf, leaf_norm64(tree["x"], ord), jnp.float32, rtol=2e-6)
