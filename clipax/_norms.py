@@ -300,7 +300,7 @@ def _sum_shards(
     blocks = _blocks(xs)
     if fns is None:
       return _total([block_sum(b, fn) for b in blocks], dtype, jnp.sum)
-    return jnp.stack([_total([jnp.sum(f(b)) for b in blocks], dtype, jnp.sum) for f in fns])
+    return jnp.stack([_total([block_sum(b, f) for b in blocks], dtype, jnp.sum) for f in fns])
 
   if axis_name is None or not replicated or not any(replicated):
     return _psum(local(leaves), axis_name)
@@ -408,23 +408,39 @@ def _global_value(
 
     return _pmax(_by_platform(lambda: peak(True), lambda: peak(False)), axis_name)
 
-  def with_cond():
-    s = _sum_shards(leaves, lambda b: _power(b, ord), dtype, axis_name, replicated, cpu=True)
+  def sums(fns, factor, cpu):
+    if callable(fns):
+      return _sum_shards(leaves, lambda b: fns(b, factor), dtype, axis_name, replicated, cpu=cpu)
+    powers = [lambda b, fn=fn: fn(b, factor) for fn in fns]
+    return _sum_shards(leaves, powers, dtype, axis_name, replicated, cpu=cpu)
 
-    def plain(_):
-      return _root(s, ord)
+  return _exact_root(sums, ord, dtype)
+
+
+def _exact_root(sums: Callable, ord: float, dtype: jnp.dtype) -> jax.Array:
+  """The root of a sum of ``|x|^ord`` (a scalar, or one per leaf), exact even where the plain
+  float32 sum overflows or underflows.
+
+  ``sums(fns, factor, cpu)`` returns the sum of ``fn(block, f)`` for one function ``fns``, or
+  for a list of them the sums stacked on a leading axis; one collective either way. ``f`` is
+  ``factor`` (or its entry for that leaf; ``None`` when no factor is used); ``cpu``: compiled
+  for the CPU only. On the CPU the rescue
+  is a ``lax.cond`` on the plain sum, elsewhere three sums are taken and the exact one is kept
+  (:func:`_by_platform`).
+  """
+  def with_cond():
+    s = sums(lambda b, f: _power(b, ord), None, True)
 
     def rescued(_):
       factor, inverse = _rescue_factor(s)
-      scaled = lambda b: _power(_magnitude(b).astype(dtype) * factor, ord)
-      t = _sum_shards(leaves, scaled, dtype, axis_name, replicated, cpu=True)
-      return _root(t, ord) * inverse
+      scaled = lambda b, f: _power(_magnitude(b).astype(dtype) * f, ord)
+      return _root(sums(scaled, factor, True), ord) * inverse
 
-    return lax.cond(_needs_rescue(s), rescued, plain, None)
+    return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, ord), None)
 
   def branch_free():
-    sums = _sum_shards(leaves, _scaled_powers(dtype, ord), dtype, axis_name, replicated)
-    return _pick_sum(sums[0], sums[1], sums[2], ord)
+    s = sums([lambda b, f, fn=fn: fn(b) for fn in _scaled_powers(dtype, ord)], None, False)
+    return _pick_sum(s[0], s[1], s[2], ord)
 
   return _by_platform(with_cond, branch_free)
 
@@ -574,30 +590,18 @@ def _leafwise_value(
 
     return list(_pmax(_by_platform(lambda: peaks(True), lambda: peaks(False)), axis_name))
 
-  def with_cond():
-    s = jnp.stack([_cpu_sum(x, lambda b: _power(b, ord)).astype(dtype) for x in leaves])
-    s = _psum(_count_once(s, axis_name, replicated), axis_name)
+  def sums(fns, factor, cpu):
+    def one(x, fn, i):
+      power = lambda b: fn(b, None if factor is None else factor[i])
+      return (_cpu_sum(x, power) if cpu else jnp.sum(power(x))).astype(dtype)
 
-    def plain(_):
-      return _root(s, ord)
+    def row(fn):
+      return _count_once(jnp.stack([one(x, fn, i) for i, x in enumerate(leaves)]), axis_name,
+                         replicated)
 
-    def rescued(_):
-      factor, inverse = _rescue_factor(s)
-      t = jnp.stack([
-          _cpu_sum(x, lambda b, f=factor[i]: _power(_magnitude(b).astype(dtype) * f, ord))
-          for i, x in enumerate(leaves)
-      ])
-      return _root(_psum(_count_once(t, axis_name, replicated), axis_name), ord) * inverse
+    return _psum(row(fns) if callable(fns) else jnp.stack([row(fn) for fn in fns]), axis_name)
 
-    return lax.cond(jnp.any(_needs_rescue(s)), rescued, plain, None)
-
-  def branch_free():
-    fns = _scaled_powers(dtype, ord)
-    s = jnp.stack([jnp.stack([jnp.sum(f(x)).astype(dtype) for x in leaves]) for f in fns])
-    s = _psum(jnp.stack([_count_once(row, axis_name, replicated) for row in s]), axis_name)
-    return _pick_sum(s[0], s[1], s[2], ord)
-
-  return list(_by_platform(with_cond, branch_free))
+  return list(_exact_root(sums, ord, dtype))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
