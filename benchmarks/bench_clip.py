@@ -430,10 +430,17 @@ def case_sweep(args) -> Iterator[dict]:
 
 
 def case_step(args) -> Iterator[dict]:
-  """One training step: adamw alone, and chained after clipax's and optax's clip."""
-  params = make_tree(transformer_shapes(args.quick), jnp.float32, seed=1)
-  grads = make_tree(transformer_shapes(args.quick), jnp.float32, seed=2)
-  print(f"[bench] step: {len(params)} leaves, {tree_bytes(params) / 2**20:.1f} MiB", flush=True)
+  """One training step: adamw alone, and chained after clipax's and optax's clip, for each of
+  ``--step-dtypes`` (params, gradients and adamw's moments in that dtype)."""
+  for dtype in args.step_dtypes:
+    yield step_record(args, jnp.dtype(dtype))
+
+
+def step_record(args, dtype: jnp.dtype) -> dict:
+  params = make_tree(transformer_shapes(args.quick), dtype, seed=1)
+  grads = make_tree(transformer_shapes(args.quick), dtype, seed=2)
+  print(f"[bench] step: {len(params)} leaves, {tree_bytes(params) / 2**20:.1f} MiB {dtype}",
+        flush=True)
   adamw = optax.adamw(1e-3, weight_decay=1e-4)
   txs = {
       "adamw": adamw,
@@ -466,10 +473,10 @@ def case_step(args) -> Iterator[dict]:
     runners.append(Runner(name, call, sync, trace_s=t1 - t0, compile_s=t2 - t1))
   times = measure(runners, args.repeats, args.min_sample_s)
   med = {k: v["median_s"] for k, v in times.items()}
-  yield {
+  return {
       "case": "step",
-      "label": "adamw step",
-      "dtype": "float32",
+      "label": "adamw step" + ("" if dtype == jnp.float32 else f" {dtype}"),
+      "dtype": str(dtype),
       "n_leaves": len(params),
       "n_params": sum(x.size for x in params.values()),
       "bytes": tree_bytes(params),
@@ -622,8 +629,8 @@ def markdown(env: dict, records: list[dict]) -> str:
     t, q = r["times"], r["ratios"]
     lines += [
         "",
-        f"Training step on the transformer tree ({r['n_params'] / 1e6:.1f}M float32 parameters, "
-        "params and adamw state donated), median ms.",
+        f"Training step on the transformer tree ({r['n_params'] / 1e6:.1f}M {r['dtype']} "
+        "parameters, params and adamw state donated), median ms.",
         "",
         "| adamw | clipax + adamw | optax + adamw | clipax overhead | optax overhead |",
         "|---:|---:|---:|---:|---:|",
@@ -660,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--small-leaf-variants", default="",
                  help="experiment: also time clipax traced with these bounds (elements) on the "
                       "leaves it concatenates before reducing, e.g. 0,4194304")
+  p.add_argument("--step-dtypes", default="float32",
+                 help="dtypes of the step case's params and gradients, e.g. float32,bfloat16")
   p.add_argument("--ab", action="store_true",
                  help="time clipax and optax (donated) only: on a CPU whose cache holds the "
                       "tree, the other runners' buffers evict it and skew small trees")
@@ -676,6 +685,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.leaf_counts = [parse_count(s) for s in (args.leaf_counts or (
       "300" if args.quick else "1000,3000,5000,10000")).split(",")]
   args.small_leaf_variants = [parse_count(s) for s in args.small_leaf_variants.split(",") if s]
+  args.step_dtypes = [d.strip() for d in args.step_dtypes.split(",") if d.strip()]
   if args.repeats is None:
     args.repeats = 3 if args.quick else 7
   if args.min_sample_s is None:

@@ -101,10 +101,12 @@ def test_half_precision_clip_matches_float64_through_the_chunked_sum():
     np.testing.assert_allclose(np.asarray(out[k], np.float64), want, rtol=1e-3, atol=1e-7)
 
 
-def test_chained_with_sgd_in_bfloat16_writes_no_float32_gradient_copy():
-  grads = _grads(jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.adamw(1e-3)], ids=["sgd", "adamw"])
+def test_chained_with_an_optimizer_writes_no_float32_gradient_copy(dtype, inner):
+  grads = _grads(dtype)
   params = jax.tree_util.tree_map(jnp.zeros_like, grads)
-  tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  tx = optax.chain(clipax.clip_by_global_norm(1.0), inner)
   state = tx.init(params)
   shapes = _entry_shapes(lambda g, s, p: tx.update(g, s, p), grads, state, params)
   assert not _full_size_f32(shapes), shapes
