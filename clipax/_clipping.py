@@ -44,17 +44,22 @@ def scale_for(norm: jax.Array, max_norm: Any) -> tuple[jax.Array, jax.Array]:
   return jnp.where(over, c / jnp.where(over, norm, 1), 1), over
 
 
-def _apart_on_cpu(g: jax.Array) -> jax.Array:
-  """``g``, behind an optimization barrier when compiling for the CPU.
+def _apart_on_cpu(g: jax.Array, tag: jax.Array) -> jax.Array:
+  """``g``, behind an optimization barrier (together with ``tag``) when compiling for the CPU.
 
   The norm and the rescale of a float16/bfloat16 leaf both start with ``g.astype(float32)``.
   XLA:CPU merges the two converts (CSE) and then writes the whole float32 copy to memory, a
   fresh buffer every step, because its fused reductions cannot take the shared convert: 4x
   slower clipping on a bfloat16 transformer tree (optax is hit the same way). The barrier keeps
-  the two converts apart, so each fuses into its own pass. GPU and TPU fuse a shared convert
-  into both consumers, and their programs are left as they were.
+  the two converts apart, so each fuses into its own pass. ``tag`` (the scale, the threshold)
+  makes this barrier differ from the one on the same leaf in ``_norms._peak``, which CSE would
+  otherwise merge with it. GPU and TPU fuse a shared convert into both consumers, and their
+  programs are left as they were.
   """
-  return lax.platform_dependent(g, cpu=lax.optimization_barrier, default=lambda x: x)
+  def apart(x, t):
+    return lax.optimization_barrier((x, t))[0]
+
+  return lax.platform_dependent(g, tag, cpu=apart, default=lambda x, t: x)
 
 
 def rescale(g: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
@@ -65,7 +70,8 @@ def rescale(g: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> ja
   returns ``g`` bit-identical.
   """
   if jnp.issubdtype(g.dtype, jnp.floating) and g.dtype.itemsize < 4:
-    out = (_apart_on_cpu(g).astype(jnp.float32) * scale.astype(jnp.float32)).astype(g.dtype)
+    out = _apart_on_cpu(g, scale).astype(jnp.float32) * scale.astype(jnp.float32)
+    out = out.astype(g.dtype)
   else:
     out = g * scale.astype(jnp.finfo(g.dtype).dtype)
   if zero is not None:
@@ -215,6 +221,8 @@ def clip_by_global_norm(
 
 
 def _clip_value_leaf(g: jax.Array, c: jax.Array) -> jax.Array:
+  if jnp.issubdtype(g.dtype, jnp.floating) and g.dtype.itemsize < 4:
+    g = _apart_on_cpu(g, c)  # the clip's convert is not the norms' (see _apart_on_cpu)
   if jnp.issubdtype(g.dtype, jnp.complexfloating):
     mag = jnp.abs(g)
     over = mag > c

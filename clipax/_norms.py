@@ -202,11 +202,15 @@ def _peak(b: jax.Array, cpu: bool) -> jax.Array:
 
   On the CPU a large float16 ``b`` is reduced in its own dtype (exact) and in slices, for the
   reason given in :func:`_cpu_sum` (19 -> 3 ms for 16M elements). Other dtypes are converted
-  first: XLA:CPU fuses that convert into the max for bfloat16, and a bfloat16 max taken in its
-  own dtype (or behind an optimization barrier) loses that fusion and writes a float32 copy.
+  first: XLA:CPU fuses that convert into the max for bfloat16 (a max taken in bfloat16 itself
+  loses that fusion and writes a float32 copy).
   """
   if cpu and b.dtype == jnp.float16:
     return _chunked(b, lambda x: jnp.max(jnp.abs(x), initial=0), jnp.max).astype(jnp.float32)
+  if cpu and b.dtype.itemsize < 4:
+    # its own barrier: the max's float32 convert is then not the sum of squares' (clip_by_value
+    # takes both norms), and XLA:CPU fuses each into its reduction
+    b = lax.optimization_barrier(b)
   return jnp.max(_magnitude(b), initial=0)
 
 
