@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -188,13 +189,31 @@ def first_threshold(tree: Any) -> float:
                              for x in jax.tree.leaves(tree)))
 
 
+@contextlib.contextmanager
+def traced_with(patch: dict[str, Any] | None):
+  """Sets attributes of ``clipax._norms`` (read while tracing only) for the duration, with JAX's
+  trace caches cleared on the way in and out so the patched values are the ones traced."""
+  saved = {k: getattr(clipax_norms, k) for k in (patch or {})}
+  if patch:
+    jax.clear_caches()
+  for k, v in (patch or {}).items():
+    setattr(clipax_norms, k, v)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      setattr(clipax_norms, k, v)
+    if patch:
+      jax.clear_caches()
+
+
 def clip_runner(name: str, make_tx: Callable[[jax.Array], optax.GradientTransformation],
-                tree: Any, *, donate: bool, small_leaf: int | None = None) -> Runner:
+                tree: Any, *, donate: bool, patch: dict[str, Any] | None = None) -> Runner:
   """``make_tx(max_norm).update`` on ``tree``, every call clipping.
 
   Donated, the output, the state and the threshold times :data:`DECAY` are fed back; not donated,
-  every call sees the same input and threshold. ``small_leaf`` traces clipax with another bound
-  on the leaves it concatenates.
+  every call sees the same input and threshold. ``patch`` traces clipax with other values of
+  ``clipax._norms`` settings (``_SMALL_LEAF``, ``_VARIADIC_RESCUE``).
   """
   # In the leaves' dtype: optax's clip needs that (a float32 array threshold with bfloat16
   # leaves fails in its `lax.select`); clipax takes any.
@@ -206,13 +225,8 @@ def clip_runner(name: str, make_tx: Callable[[jax.Array], optax.GradientTransfor
     out, s = make_tx(m).update(g, s)
     return out, s, (m * DECAY if donate else m)
 
-  default = clipax_norms._SMALL_LEAF
-  if small_leaf is not None:
-    clipax_norms._SMALL_LEAF = small_leaf  # read while tracing only
-  try:
+  with traced_with(patch):
     return jax_runner(name, fn, args, donate=donate)
-  finally:
-    clipax_norms._SMALL_LEAF = default
 
 
 def roofline_runner(name: str, tree: Any, *, donate: bool) -> Runner:
@@ -360,7 +374,11 @@ def bench_tree(label: str, case: str, tree: Any, args: argparse.Namespace, *,
     if with_optax:
       runners.append(clip_runner("optax_plain", theirs, tree, donate=False))
   for n in args.small_leaf_variants:
-    runners.append(clip_runner(f"clipax[small_leaf={n}]", ours, tree, donate=True, small_leaf=n))
+    runners.append(clip_runner(f"clipax[small_leaf={n}]", ours, tree, donate=True,
+                               patch={"_SMALL_LEAF": n}))
+  if args.variadic_rescue:
+    runners.append(clip_runner("clipax[variadic]", ours, tree, donate=True,
+                               patch={"_VARIADIC_RESCUE": True}))
   if torch is not None and not args.no_torch and not args.ab:
     runners.append(torch_clip_runner(tree))
     if torch_device() == "cuda":
@@ -447,6 +465,10 @@ def step_record(args, dtype: jnp.dtype) -> dict:
       "clipax+adamw": optax.chain(clipax.clip_by_global_norm(MAX_NORM), adamw),
       "optax+adamw": optax.chain(optax.clip_by_global_norm(MAX_NORM), adamw),
   }
+  patches = {}
+  if args.variadic_rescue:
+    txs["clipax[variadic]+adamw"] = txs["clipax+adamw"]
+    patches["clipax[variadic]+adamw"] = {"_VARIADIC_RESCUE": True}
   runners = []
   for name, tx in txs.items():
     p = copy_tree(params)
@@ -458,7 +480,8 @@ def step_record(args, dtype: jnp.dtype) -> dict:
     # params and optimizer state donated; the gradients are a fixed, non-donated input.
     t0 = time.perf_counter()
     s = copy_tree(tx.init(p))
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, grads)
+    with traced_with(patches.get(name)):
+      lowered = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, grads)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -484,6 +507,8 @@ def step_record(args, dtype: jnp.dtype) -> dict:
       "ratios": {
           "clipax+adamw/adamw": _ratio(med["clipax+adamw"], med["adamw"]),
           "optax+adamw/adamw": _ratio(med["optax+adamw"], med["adamw"]),
+          "clipax[variadic]+adamw/adamw": _ratio(med.get("clipax[variadic]+adamw"),
+                                                  med["adamw"]),
       },
   }
 
@@ -615,8 +640,10 @@ def markdown(env: dict, records: list[dict]) -> str:
   if variants:
     lines += [
         "",
-        "Experiment: clipax traced with other bounds on the leaf size it concatenates before "
-        "reducing (default " + str(clipax_norms._SMALL_LEAF) + "), median ms, donated.",
+        "Experiments, median ms, donated: clipax traced with another bound on the leaf size it "
+        "concatenates before reducing (`small_leaf`, default " + str(clipax_norms._SMALL_LEAF)
+        + "), or with the GPU/TPU rescue's three sums as one variadic reduction (`variadic`; "
+        "the same program as clipax on a CPU).",
         "",
         "| tree | clipax | " + " | ".join(variants) + " |",
         "|---|---:|" + "---:|" * len(variants),
@@ -637,6 +664,10 @@ def markdown(env: dict, records: list[dict]) -> str:
         f"| {_ms(t, 'adamw')} | {_ms(t, 'clipax+adamw')} | {_ms(t, 'optax+adamw')} "
         f"| {_x(q['clipax+adamw/adamw'], '{:.3f}x')} | {_x(q['optax+adamw/adamw'], '{:.3f}x')} |",
     ]
+    if "clipax[variadic]+adamw" in t:
+      lines += ["", f"Experiment, `--variadic-rescue`: clipax[variadic] + adamw "
+                f"{_ms(t, 'clipax[variadic]+adamw')} ms, "
+                f"{_x(q['clipax[variadic]+adamw/adamw'], '{:.3f}x')} adamw."]
   return "\n".join(lines) + "\n"
 
 
@@ -669,6 +700,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "leaves it concatenates before reducing, e.g. 0,4194304")
   p.add_argument("--step-dtypes", default="float32",
                  help="dtypes of the step case's params and gradients, e.g. float32,bfloat16")
+  p.add_argument("--variadic-rescue", action="store_true",
+                 help="experiment: also time clipax (clip and train step) with the GPU/TPU "
+                      "overflow rescue's three sums taken as one variadic reduction")
   p.add_argument("--ab", action="store_true",
                  help="time clipax and optax (donated) only: on a CPU whose cache holds the "
                       "tree, the other runners' buffers evict it and skew small trees")

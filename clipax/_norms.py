@@ -40,6 +40,11 @@ _SMALL_LEAF = 1 << 16
 # linearly with the operands of one concatenate (15 s for 10,000 leaves in one, 2.5 s in groups
 # of 128, which also run faster: benchmarks/README.md, "Compile time").
 _GROUP = 128
+# Experiment, off: on GPU/TPU take the branch-free rescue's three sums of a block in one variadic
+# reduction instead of three reductions (benchmarks/bench_clip.py --variadic-rescue). Inside a
+# train step on an H100 the three sums stayed three kernels per leaf; whether one variadic
+# reduce is faster there, and as exact, is still to be measured on a GPU.
+_VARIADIC_RESCUE = False
 
 # On the CPU, float16 blocks of more than _CPU_CHUNKED elements are summed in chunks of
 # _CPU_CHUNK elements (see :func:`_cpu_sum`).
@@ -304,6 +309,9 @@ def _sum_shards(
     blocks = _blocks(xs)
     if fns is None:
       return _total([block_sum(b, fn) for b in blocks], dtype, jnp.sum)
+    if _VARIADIC_RESCUE and not cpu:
+      per_block = [_variadic_sums(b, fns, dtype) for b in blocks]
+      return jnp.stack([_total([p[i] for p in per_block], dtype, jnp.sum) for i in range(len(fns))])
     return jnp.stack([_total([block_sum(b, f) for b in blocks], dtype, jnp.sum) for f in fns])
 
   if axis_name is None or not replicated or not any(replicated):
@@ -312,6 +320,14 @@ def _sum_shards(
   copies = [x for x, r in zip(leaves, replicated, strict=True) if r]
   once = jnp.where(_first_shard(axis_name), local(copies), 0)
   return _psum(local(sharded) + once, axis_name)
+
+
+def _variadic_sums(b: jax.Array, fns: Sequence[Callable], dtype: jnp.dtype) -> tuple:
+  """``sum(f(b))`` for each ``f`` of ``fns``, as one variadic reduction (see _VARIADIC_RESCUE)."""
+  operands = tuple(f(b).astype(dtype) for f in fns)
+  zeros = tuple(jnp.zeros([], dtype) for _ in fns)
+  add = lambda xs, ys: tuple(x + y for x, y in zip(xs, ys, strict=True))
+  return lax.reduce(operands, zeros, add, tuple(range(b.ndim)))
 
 
 def _count_once(
@@ -363,10 +379,17 @@ def _scaled_powers(dtype: jnp.dtype, ord: float) -> list[Callable[[jax.Array], j
   """|x|^ord as is, scaled down and scaled (clamped) up: the three sums of the branch-free path."""
   down, up = _FACTORS[jnp.dtype(dtype)]
   clamp = _UP_CLAMP[jnp.dtype(dtype)]
+
+  def kept(y):
+    # With one element the sum disappears and XLA's simplifier rewrites (|x| c)^2 into
+    # x^2 c^2: inf * 0 = NaN for |x| > 1.8e19 (c = 2**-100), inf for tiny x (c = 2**64).
+    # The barrier keeps the scaled value as it is; larger blocks are not rewritten.
+    return lax.optimization_barrier(y) if y.size == 1 else y
+
   return [
       lambda b: _power(b, ord),
-      lambda b: _power(_magnitude(b).astype(dtype) * down, ord),
-      lambda b: _power(jnp.minimum(_magnitude(b).astype(dtype), clamp) * up, ord),
+      lambda b: _power(kept(_magnitude(b).astype(dtype) * down), ord),
+      lambda b: _power(kept(jnp.minimum(_magnitude(b).astype(dtype), clamp) * up), ord),
   ]
 
 
@@ -603,7 +626,16 @@ def _leafwise_value(
       return _count_once(jnp.stack([one(x, fn, i) for i, x in enumerate(leaves)]), axis_name,
                          replicated)
 
-    return _psum(row(fns) if callable(fns) else jnp.stack([row(fn) for fn in fns]), axis_name)
+    if callable(fns):
+      return _psum(row(fns), axis_name)
+    if _VARIADIC_RESCUE and not cpu:
+      # the factor is None on this (branch-free) path
+      per_leaf = [_variadic_sums(x, [lambda b, fn=fn: fn(b, None) for fn in fns], dtype)
+                  for x in leaves]
+      rows = [jnp.stack([p[k] for p in per_leaf]) for k in range(len(fns))]
+      rows = [_count_once(r, axis_name, replicated) for r in rows]
+      return _psum(jnp.stack(rows), axis_name)
+    return _psum(jnp.stack([row(fn) for fn in fns]), axis_name)
 
   return list(_exact_root(sums, ord, dtype))
 

@@ -73,6 +73,20 @@ def test_extreme_float32_magnitudes_give_the_true_norm(value, ord, path):
   assert_close(got_leaf, want, jnp.float32)
 
 
+@pytest.mark.parametrize("value", [3.5e19, 1e30, 1e-25, 1.0])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_single_element_leaves_at_extreme_magnitudes(value, shape, path):
+  # One element: the reduction vanishes and XLA may fold the rescue's scaling constants.
+  tree = {"s": jnp.full(shape, -value, jnp.float32)}
+  got = jax.jit(lambda t: clipax.global_norm(t))(tree)
+  assert_close(got, value, jnp.float32, rtol=2e-6)
+  leaf = jax.jit(lambda t: clipax.leaf_norms(t))(tree)["s"]
+  assert_close(leaf, value, jnp.float32, rtol=2e-6)
+  both = {"s": tree["s"], "w": jnp.ones((1000,), jnp.float32)}
+  leaves = jax.jit(lambda t: clipax.leaf_norms(t))(both)
+  assert_close(leaves["s"], value, jnp.float32, rtol=2e-6)
+
+
 def test_huge_norm_that_overflows_float32_is_inf_not_nan(path):
   x = jnp.full((4,), 3e38, jnp.float32)  # the true norm 6e38 is not representable
   assert np.isposinf(float(clipax.global_norm(x)))
@@ -175,3 +189,25 @@ def test_unitwise_norms_custom_axes_and_rescue():
   got = clipax.unitwise_norms(x, axes=lambda leaf: (1, 2))
   assert got.shape == (3, 1, 1)
   assert_close(got, _unit_ref(x, (1, 2)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+def test_variadic_rescue_experiment_is_exact_and_takes_fewer_reductions(monkeypatch, scale):
+  # The experiment behind `bench_clip.py --variadic-rescue`, on the branch-free path it changes.
+  monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator: accelerator())
+  tree = _tree(np.random.default_rng(4), jnp.float32, scale)
+  tree["h"] = jnp.ones((90, 9), jnp.bfloat16)
+
+  def compiled_reductions():
+    text = jax.jit(lambda t: clipax.global_norm(t)).lower(tree).compile().as_text()
+    return text.count(" reduce(")
+
+  three = compiled_reductions()
+  monkeypatch.setattr(_norms, "_VARIADIC_RESCUE", True)
+  assert compiled_reductions() < three
+  # XLA:CPU adds a variadic reduction's elements one after another (not pairwise), hence 5e-5;
+  # on a GPU its accuracy is part of what the experiment measures.
+  assert_close(jax.jit(lambda t: clipax.global_norm(t))(tree), norm64(tree), jnp.float32, rtol=5e-5)
+  norms = jax.jit(lambda t: clipax.leaf_norms(t))(tree)
+  for got, x in zip(jax.tree_util.tree_leaves(norms), jax.tree_util.tree_leaves(tree), strict=True):
+    assert_close(got, leaf_norm64(x), jnp.float32, rtol=5e-5)
