@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check in a single call: the norm and clipper tests on the GPU (where the
 # branch-free overflow rescue is compiled), then the speed benchmark for the one-leaf, transformer
-# and train-step cases, clipax beside optax and torch. Results go to $OUT.
+# and train-step cases, clipax beside optax and torch, with the variadic-rescue experiment
+# (one reduction instead of three per leaf on GPU/TPU) beside them. Results go to $OUT.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 set -u
@@ -16,5 +17,5 @@ TAG=${TAG:-gpu_check}
   timeout 170 python -m pytest -q -p no:cacheprovider -p no:benchmark -n 4 \
     tests/test_norms.py tests/test_clipping.py tests/test_contract.py 2>&1 | tail -15
   timeout 200 python benchmarks/bench_clip.py --out "$OUT" --tag "$TAG" \
-    --cases leaf,transformer,step,half --sizes 64M,256M
+    --cases leaf,transformer,step,half --sizes 64M,256M --variadic-rescue
 } 2>&1 | tee "$OUT/log_${TAG}.txt"
