@@ -713,14 +713,27 @@ def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
 
 
 def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """Per-unit L2 norms of one leaf, with the overflow rescue of :func:`_exact_root`: a
+  ``lax.cond`` on the CPU, the three sums and a select on GPU/TPU."""
   axes = tuple(a % x.ndim for a in axes) if x.ndim else ()
-  s = jnp.sum(_power(x, 2), axis=axes, keepdims=True)
 
-  def rescued(_):
-    factor, inverse = _rescue_factor(s)
-    return _root(jnp.sum(_power(_magnitude(x) * factor, 2), axis=axes, keepdims=True), 2) * inverse
+  def unit_sum(y):
+    return jnp.sum(y, axis=axes, keepdims=True)
 
-  return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, 2), None)
+  def with_cond():
+    s = unit_sum(_power(x, 2))
+
+    def rescued(_):
+      factor, inverse = _rescue_factor(s)
+      return _root(unit_sum(_power(_magnitude(x) * factor, 2)), 2) * inverse
+
+    return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, 2), None)
+
+  def branch_free():
+    sums = [unit_sum(f(x)) for f in _scaled_powers(_accum_dtype(x.dtype), 2)]
+    return _pick_sum(*sums, 2)
+
+  return _by_platform(with_cond, branch_free)
 
 
 def unitwise_norms(tree: Any, *, axes: ReductionAxes = None) -> Any:

@@ -177,16 +177,18 @@ def _unit_ref(x, axes):
     [((), ()), ((5,), (0,)), ((4, 3), (0,)), ((3, 4, 5), (0, 1)), ((2, 3, 4, 5), (0, 1, 2)),
      ((2, 2, 3, 4, 5), (0, 1, 2, 3))],
 )
-def test_unitwise_norms_reduce_all_but_the_last_axis(shape, axes):
-  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+def test_unitwise_norms_reduce_all_but_the_last_axis(shape, axes, scale, path):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape) * scale, jnp.float32)
   got = jax.jit(clipax.unitwise_norms)({"x": x})["x"]
   assert got.shape == (tuple(1 if i in axes else d for i, d in enumerate(shape)) if shape else ())
   assert_close(got, _unit_ref(x, axes))
 
 
-def test_unitwise_norms_custom_axes_and_rescue():
+def test_unitwise_norms_custom_axes_and_rescue(path):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 5)) * 1e20, jnp.float32)
-  got = clipax.unitwise_norms(x, axes=lambda leaf: (1, 2))
+  x = x.at[0].multiply(1e-45)  # one unit tiny (underflow rescue), the others huge (overflow)
+  got = jax.jit(lambda t: clipax.unitwise_norms(t, axes=lambda leaf: (1, 2)))(x)
   assert got.shape == (3, 1, 1)
   assert_close(got, _unit_ref(x, (1, 2)))
 
