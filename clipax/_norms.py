@@ -5,14 +5,17 @@ Every norm in clipax is computed here, so dtype handling and ``axis_name`` are w
 * squares (or absolute values) are accumulated in float32 whatever the leaf dtype, float64 when
   x64 is on and a leaf is float64, so float16/bfloat16 gradients never overflow the norm;
 * when that float32 sum overflows (or underflows) although every element is finite, the norm is
-  recomputed on values rescaled by an exact power of two, inside the compiled program and only
-  on that rare path (``lax.cond``), so a float32 gradient of 1e20-sized elements gives its true
-  norm;
+  recomputed on values rescaled by an exact power of two, inside the compiled program, so a
+  float32 gradient of 1e20-sized elements gives its true norm: on the CPU only on that rare path
+  (``lax.cond``), on GPU/TPU branch-free (three sums, the exact one kept; a conditional there
+  syncs with the host);
+* on the CPU, float16/bfloat16 leaves never make XLA write a float32 copy of the gradients
+  (float16 blocks are reduced in cache-sized slices, see ``_cpu_sum``);
 * with ``axis_name`` the leaves are shards along a ``shard_map``/``pmap`` axis and one scalar (one
   vector for ``leaf_norms``) is all-reduced per norm, never one collective per leaf; leaves marked
   ``replicated`` (the same on every shard) are counted on the first shard only;
-* under plain ``jit`` small leaves are concatenated before reducing only when they are not
-  sharded over a mesh, so GSPMD never gathers a sharded gradient to measure it.
+* under plain ``jit`` small leaves are concatenated (in groups of 128) before reducing, only when
+  they are not sharded over a mesh, so GSPMD never gathers a sharded gradient to measure it.
 """
 
 from __future__ import annotations
@@ -451,9 +454,8 @@ def _exact_root(sums: Callable, ord: float, dtype: jnp.dtype) -> jax.Array:
   ``sums(fns, factor, cpu)`` returns the sum of ``fn(block, f)`` for one function ``fns``, or
   for a list of them the sums stacked on a leading axis; one collective either way. ``f`` is
   ``factor`` (or its entry for that leaf; ``None`` when no factor is used); ``cpu``: compiled
-  for the CPU only. On the CPU the rescue
-  is a ``lax.cond`` on the plain sum, elsewhere three sums are taken and the exact one is kept
-  (:func:`_by_platform`).
+  for the CPU only. On the CPU the rescue is a ``lax.cond`` on the plain sum; elsewhere three
+  sums are taken and the exact one is kept (:func:`_by_platform`).
   """
   def with_cond():
     s = sums(lambda b, f: _power(b, ord), None, True)
