@@ -555,115 +555,100 @@ def _x(v: float | None, fmt: str = "{:.2f}") -> str:
   return "-" if v is None else fmt.format(v)
 
 
+def _table(intro: str, columns: str, rows: list[list[str]], left: int = 2) -> list[str]:
+  """A blank line, the one-paragraph ``intro``, a blank line and a markdown table whose header
+  names are ``columns`` (separated by ``|``): the first ``left`` columns left-aligned, the others
+  right-aligned."""
+  names = [c.strip() for c in columns.split("|")]
+  align = ["---"] * left + ["---:"] * (len(names) - left)
+  return ["", intro, "", "| " + " | ".join(names) + " |", "|" + "|".join(align) + "|",
+          *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown(env: dict, records: list[dict]) -> str:
   lines = [
       f"jax {env['jax']}, optax {env['optax']}, torch {env['torch'] or '-'} "
       f"({env['torch_device'] or '-'}), device: {env['device_kind']} ({env['platform']}), "
       f"{env['cpu_count']} CPUs, {env['date']}",
-      "",
   ]
   clip = [r for r in records if r["case"] != "step"]
   if clip:
-    lines += [
+    rows = []
+    for r in clip:
+      t, g, q = r["times"], r["bandwidth_GBps"], r["ratios"]
+      rows.append([
+          r["label"], r["dtype"], str(r["n_leaves"]), f"{r['bytes'] / 2**20:.0f}",
+          _ms(t, "clipax"), "not run" if r["optax_skipped"] else _ms(t, "optax"),
+          _ms(t, "torch"), _ms(t, "rw_donated"), _x(q["clipax/optax"]), _x(q["clipax/torch"]),
+          f"{g['clipax']:.1f}", _x(g.get("rw_donated"), "{:.1f}"), _x(q["achieved/roofline"]),
+      ])
+    lines += _table(
         "Steady state, median ms per call; clippers and the r+w roofline donated (what a train "
         "step sees); bandwidth counts 2 reads + 1 write for a clipper, 1 read + 1 write for the "
         "roofline.",
-        "",
-        "| tree | dtype | leaves | MiB | clipax | optax | torch | r+w roofline | clipax/optax "
-        "| clipax/torch | clipax GB/s | roofline GB/s | achieved/roofline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in clip:
-      t, g, q = r["times"], r["bandwidth_GBps"], r["ratios"]
-      optax_ms = "not run" if r["optax_skipped"] else _ms(t, "optax")
-      lines.append(
-          f"| {r['label']} | {r['dtype']} | {r['n_leaves']} | {r['bytes'] / 2**20:.0f} "
-          f"| {_ms(t, 'clipax')} | {optax_ms} | {_ms(t, 'torch')} | {_ms(t, 'rw_donated')} "
-          f"| {_x(q['clipax/optax'])} | {_x(q['clipax/torch'])} | {g['clipax']:.1f} "
-          f"| {_x(g.get('rw_donated'), '{:.1f}')} | {_x(q['achieved/roofline'])} |"
-      )
-    lines += [
-        "",
-        "The two-pass bound: a global-norm clip reads every byte twice (the scale needs the whole "
-        "norm), so its best time is one read pass (each leaf's sum of squares) plus one r+w pass. "
-        "bound/clipax = 1 means clipax runs at that bound.",
-        "",
-        "| tree | dtype | read | r+w | read GB/s | r+w GB/s | two-pass bound | clipax "
-        "| bound/clipax | bound/optax |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "tree | dtype | leaves | MiB | clipax | optax | torch | r+w roofline | clipax/optax "
+        "| clipax/torch | clipax GB/s | roofline GB/s | achieved/roofline", rows)
+    rows = []
     for r in clip:
       t, g, q = r["times"], r["bandwidth_GBps"], r["ratios"]
       bound = q["two_pass_bound_s"]
-      lines.append(
-          f"| {r['label']} | {r['dtype']} | {_ms(t, 'read')} | {_ms(t, 'rw_donated')} "
-          f"| {_x(g.get('read'), '{:.1f}')} | {_x(g.get('rw_donated'), '{:.1f}')} "
-          f"| {_x(bound and bound * 1e3, '{:.3f}')} "
-          f"| {_ms(t, 'clipax')} | {_x(q['two_pass/clipax'])} | {_x(q['two_pass/optax'])} |"
-      )
-    lines += [
-        "",
-        "Without donation (a fresh output buffer every call), median ms; and the copy bandwidth "
-        "(torch `_foreach_copy_`, CUDA only).",
-        "",
-        "| tree | dtype | clipax | optax | r+w roofline | clipax/optax | achieved/roofline "
-        "| copy GB/s | clipax/copy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+      rows.append([
+          r["label"], r["dtype"], _ms(t, "read"), _ms(t, "rw_donated"),
+          _x(g.get("read"), "{:.1f}"), _x(g.get("rw_donated"), "{:.1f}"),
+          _x(bound and bound * 1e3, "{:.3f}"), _ms(t, "clipax"), _x(q["two_pass/clipax"]),
+          _x(q["two_pass/optax"]),
+      ])
+    lines += _table(
+        "The two-pass bound: a global-norm clip reads every byte twice (the scale needs the whole "
+        "norm), so its best time is one read pass (each leaf's sum of squares) plus one r+w pass. "
+        "bound/clipax = 1 means clipax runs at that bound.",
+        "tree | dtype | read | r+w | read GB/s | r+w GB/s | two-pass bound | clipax "
+        "| bound/clipax | bound/optax", rows)
+    rows = []
     for r in clip:
       t, g, q = r["times"], r["bandwidth_GBps"], r["ratios"]
-      copy = g.get("torch_copy")
-      lines.append(
-          f"| {r['label']} | {r['dtype']} | {_ms(t, 'clipax_plain')} | {_ms(t, 'optax_plain')} "
-          f"| {_ms(t, 'rw')} | {_x(q['clipax_plain/optax_plain'])} "
-          f"| {_x(q['achieved/roofline_plain'])} | {_x(copy, '{:.1f}')} "
-          f"| {_x(q['achieved/copy'])} |"
-      )
-    lines += [
-        "",
-        "Trace and compile time, seconds (clipax and optax clippers, donated variant).",
-        "",
-        "| tree | leaves | clipax trace | clipax compile | optax trace | optax compile "
-        "| clipax/optax |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+      rows.append([
+          r["label"], r["dtype"], _ms(t, "clipax_plain"), _ms(t, "optax_plain"), _ms(t, "rw"),
+          _x(q["clipax_plain/optax_plain"]), _x(q["achieved/roofline_plain"]),
+          _x(g.get("torch_copy"), "{:.1f}"), _x(q["achieved/copy"]),
+      ])
+    lines += _table(
+        "Without donation (a fresh output buffer every call), median ms; and the copy bandwidth "
+        "(torch `_foreach_copy_`, CUDA only).",
+        "tree | dtype | clipax | optax | r+w roofline | clipax/optax | achieved/roofline "
+        "| copy GB/s | clipax/copy", rows)
+    rows = []
     for r in clip:
-      t = r["times"]
-      c, o = t["clipax"], t.get("optax")
-      ot = "not run" if o is None else f"{o['trace_s']:.2f}"
-      oc = "not run" if o is None else f"{o['compile_s']:.2f}"
-      lines.append(
-          f"| {r['label']} | {r['n_leaves']} | {c['trace_s']:.2f} | {c['compile_s']:.2f} "
-          f"| {ot} | {oc} | {_x(r['ratios']['clipax_compile/optax_compile'], '{:.3f}')} |"
-      )
+      c, o = r["times"]["clipax"], r["times"].get("optax")
+      rows.append([
+          r["label"], str(r["n_leaves"]), f"{c['trace_s']:.2f}", f"{c['compile_s']:.2f}",
+          "not run" if o is None else f"{o['trace_s']:.2f}",
+          "not run" if o is None else f"{o['compile_s']:.2f}",
+          _x(r["ratios"]["clipax_compile/optax_compile"], "{:.3f}"),
+      ])
+    lines += _table(
+        "Trace and compile time, seconds (clipax and optax clippers, donated variant).",
+        "tree | leaves | clipax trace | clipax compile | optax trace | optax compile "
+        "| clipax/optax", rows, left=1)
   variants = sorted({k for r in clip for k in r["times"] if k.startswith("clipax[")})
   if variants:
-    lines += [
-        "",
+    rows = [[r["label"], _ms(r["times"], "clipax"), *(_ms(r["times"], v) for v in variants)]
+            for r in clip]
+    lines += _table(
         "Experiments, median ms, donated: clipax traced with another bound on the leaf size it "
         "concatenates before reducing (`small_leaf`, default " + str(clipax_norms._SMALL_LEAF)
         + "), or with the GPU/TPU rescue's three sums as one variadic reduction (`variadic`; "
         "the same program as clipax on a CPU).",
-        "",
-        "| tree | clipax | " + " | ".join(variants) + " |",
-        "|---|---:|" + "---:|" * len(variants),
-    ]
-    for r in clip:
-      t = r["times"]
-      lines.append(f"| {r['label']} | {_ms(t, 'clipax')} | "
-                   + " | ".join(_ms(t, v) for v in variants) + " |")
+        " | ".join(["tree", "clipax", *variants]), rows, left=1)
   for r in (r for r in records if r["case"] == "step"):
     t, q = r["times"], r["ratios"]
-    lines += [
-        "",
+    lines += _table(
         f"Training step on the transformer tree ({r['n_params'] / 1e6:.1f}M {r['dtype']} "
         "parameters, params and adamw state donated), median ms.",
-        "",
-        "| adamw | clipax + adamw | optax + adamw | clipax overhead | optax overhead |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {_ms(t, 'adamw')} | {_ms(t, 'clipax+adamw')} | {_ms(t, 'optax+adamw')} "
-        f"| {_x(q['clipax+adamw/adamw'], '{:.3f}x')} | {_x(q['optax+adamw/adamw'], '{:.3f}x')} |",
-    ]
+        "adamw | clipax + adamw | optax + adamw | clipax overhead | optax overhead",
+        [[_ms(t, "adamw"), _ms(t, "clipax+adamw"), _ms(t, "optax+adamw"),
+          _x(q["clipax+adamw/adamw"], "{:.3f}x"), _x(q["optax+adamw/adamw"], "{:.3f}x")]],
+        left=0)
     if "clipax[variadic]+adamw" in t:
       lines += ["", f"Experiment, `--variadic-rescue`: clipax[variadic] + adamw "
                 f"{_ms(t, 'clipax[variadic]+adamw')} ms, "
