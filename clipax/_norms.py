@@ -714,6 +714,32 @@ def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
   return tuple(range(x.ndim)) if x.ndim <= 1 else tuple(range(x.ndim - 1))
 
 
+def _cpu_unit_sum(
+    x: jax.Array, fn: Callable, factor: jax.Array | None, axes: tuple[int, ...]
+) -> jax.Array:
+  """``sum(fn(x, factor), axes, keepdims=True)``, for the CPU path: a large float16 ``x`` reduced
+  over all its leading axes (the default units) is summed in slices of rows, for the reason given
+  in :func:`_cpu_sum`; ``fn`` is elementwise, ``factor`` broadcasts like the result."""
+  if x.dtype == jnp.float16 and axes == tuple(range(x.ndim)):  # one unit: the whole leaf
+    f = None if factor is None else factor.reshape(())
+    return _cpu_sum(x, lambda y: fn(y, f)).reshape((1,) * x.ndim)
+  c = x.shape[-1] if x.ndim else 1
+  rows = max(1, _CPU_CHUNK // c)
+  if (x.dtype != jnp.float16 or x.size <= _CPU_CHUNKED or x.ndim < 2
+      or axes != tuple(range(x.ndim - 1)) or x.size // c < 2 * rows):
+    return jnp.sum(fn(x, factor), axis=axes, keepdims=True)
+  flat = x.reshape(-1, c)
+  f = None if factor is None else factor.reshape(1, c)
+  k = flat.shape[0] // rows
+  parts = lax.map(
+      lambda i: jnp.sum(fn(lax.dynamic_slice(flat, (i * rows, 0), (rows, c)), f), axis=0),
+      jnp.arange(k))
+  total = jnp.sum(parts, axis=0)
+  if flat.shape[0] > k * rows:
+    total = total + jnp.sum(fn(flat[k * rows :], f), axis=0)
+  return total.reshape((1,) * (x.ndim - 1) + (c,))
+
+
 def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """Per-unit L2 norms of one leaf, with the overflow rescue of :func:`_exact_root`: a
   ``lax.cond`` on the CPU, the three sums and a select on GPU/TPU."""
@@ -723,11 +749,12 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     return jnp.sum(y, axis=axes, keepdims=True)
 
   def with_cond():
-    s = unit_sum(_power(x, 2))
+    s = _cpu_unit_sum(x, lambda y, f: _power(y, 2), None, axes)
 
     def rescued(_):
       factor, inverse = _rescue_factor(s)
-      return _root(unit_sum(_power(_magnitude(x) * factor, 2)), 2) * inverse
+      t = _cpu_unit_sum(x, lambda y, f: _power(_magnitude(y) * f, 2), factor, axes)
+      return _root(t, 2) * inverse
 
     return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, 2), None)
 

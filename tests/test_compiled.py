@@ -133,3 +133,27 @@ def test_float16_chunk_boundaries_match_float64(n, ord):
   assert_close(got, norm64(tree, ord), jnp.float32, rtol=2e-6)
   leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)["x"]
   assert_close(leaf, leaf_norm64(tree["x"], ord), jnp.float32, rtol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (7, 40, 331), (100_003,)])
+def test_float16_unitwise_norms_match_float64_without_a_float32_copy(shape):
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=shape) * 30
+  x[..., 5] = 0  # an all-zero unit: its sum underflows and takes the rescue path
+  x = _cpu(jnp.asarray(x, jnp.float16))
+  got = jax.jit(clipax.unitwise_norms)(x)
+  x64 = np.asarray(x, np.float64)
+  axes = tuple(range(x.ndim - 1)) if x.ndim > 1 else (0,)
+  want = np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=True))
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6)
+  full = {f"f32[{','.join(map(str, shape))}]", f"f32[{x.size}]"}
+  assert not _entry_shapes(clipax.unitwise_norms, x) & full
+
+
+def test_float16_agc_writes_no_float32_copy():
+  grads = _grads(jnp.float16)
+  params = jax.tree_util.tree_map(lambda g: g * 3, grads)
+  tx = clipax.adaptive_grad_clip(0.01)
+  state = tx.init(params)
+  shapes = _entry_shapes(lambda g, s, p: tx.update(g, s, p), grads, state, params)
+  assert not _full_size_f32(shapes), shapes
