@@ -467,8 +467,11 @@ def step_record(args, dtype: jnp.dtype) -> dict:
   }
   patches = {}
   if args.variadic_rescue:
-    txs["clipax[variadic]+adamw"] = txs["clipax+adamw"]
     patches["clipax[variadic]+adamw"] = {"_VARIADIC_RESCUE": True}
+  for n in args.small_leaf_variants:
+    patches[f"clipax[small_leaf={n}]+adamw"] = {"_SMALL_LEAF": n}
+  for name in patches:
+    txs[name] = txs["clipax+adamw"]
   runners = []
   for name, tx in txs.items():
     p = copy_tree(params)
@@ -507,8 +510,7 @@ def step_record(args, dtype: jnp.dtype) -> dict:
       "ratios": {
           "clipax+adamw/adamw": _ratio(med["clipax+adamw"], med["adamw"]),
           "optax+adamw/adamw": _ratio(med["optax+adamw"], med["adamw"]),
-          "clipax[variadic]+adamw/adamw": _ratio(med.get("clipax[variadic]+adamw"),
-                                                  med["adamw"]),
+          **{f"{k}/adamw": _ratio(med[k], med["adamw"]) for k in med if k.startswith("clipax[")},
       },
   }
 
@@ -649,10 +651,8 @@ def markdown(env: dict, records: list[dict]) -> str:
         [[_ms(t, "adamw"), _ms(t, "clipax+adamw"), _ms(t, "optax+adamw"),
           _x(q["clipax+adamw/adamw"], "{:.3f}x"), _x(q["optax+adamw/adamw"], "{:.3f}x")]],
         left=0)
-    if "clipax[variadic]+adamw" in t:
-      lines += ["", f"Experiment, `--variadic-rescue`: clipax[variadic] + adamw "
-                f"{_ms(t, 'clipax[variadic]+adamw')} ms, "
-                f"{_x(q['clipax[variadic]+adamw/adamw'], '{:.3f}x')} adamw."]
+    for k in (k for k in t if k.startswith("clipax[")):
+      lines += ["", f"Experiment: {k} {_ms(t, k)} ms, {_x(q[k + '/adamw'], '{:.3f}x')} adamw."]
   return "\n".join(lines) + "\n"
 
 

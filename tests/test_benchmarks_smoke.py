@@ -83,3 +83,16 @@ def test_ab_times_only_the_two_clippers(bench_clip, capsys):
   assert set(record["times"]) == {"clipax", "optax"}
   assert record["ratios"]["clipax/optax"] > 0 and record["ratios"]["two_pass_bound_s"] is None
   assert "| leaf 64K | float32 |" in capsys.readouterr().out
+
+
+def test_experiments_time_patched_clipax_in_the_step(bench_clip, capsys):
+  argv = ["--quick", "--cases", "step", "--variadic-rescue", "--small-leaf-variants", "0",
+          "--repeats", "1", "--min-sample-s", "0", "--no-torch"]
+  (step,) = bench_clip.main(argv)["results"]
+  variants = {"clipax[variadic]+adamw", "clipax[small_leaf=0]+adamw"}
+  assert variants <= set(step["times"])
+  assert all(step["ratios"][f"{k}/adamw"] > 0 for k in variants)
+  assert "Experiment: clipax[small_leaf=0]+adamw" in capsys.readouterr().out
+  # the patch is undone after tracing
+  assert bench_clip.clipax_norms._SMALL_LEAF == 1 << 16
+  assert bench_clip.clipax_norms._VARIADIC_RESCUE is False
