@@ -17,6 +17,6 @@ TAG=${TAG:-gpu_check}
   nvidia-smi --query-gpu=name --format=csv,noheader || true
   timeout 170 python -m pytest -q -p no:cacheprovider -p no:benchmark -n 4 \
     tests/test_norms.py tests/test_clipping.py tests/test_contract.py 2>&1 | tail -15
-  timeout 200 python benchmarks/bench_clip.py --out "$OUT" --tag "$TAG" \
-    --cases leaf,transformer,step,half --sizes 64M,256M --variadic-rescue --small-leaf-variants 4M
+  timeout 300 python benchmarks/bench_clip.py --out "$OUT" --tag "$TAG" \
+    --cases step,transformer,leaf,half --sizes 64M,256M --variadic-rescue --small-leaf-variants 4M
 } 2>&1 | tee "$OUT/log_${TAG}.txt"
