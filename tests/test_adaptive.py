@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64, run_scan, spiky_norms
+from _refs import (
+    as64,
+    assert_resume_is_bit_identical,
+    assert_trees_equal,
+    norm64,
+    run_scan,
+    spiky_norms,
+)
 
 import clipax
 from clipax._adaptive import warming_up
@@ -144,13 +150,6 @@ def leaf_stream(n, seed):
   for t in rng.choice(np.arange(3, n), 4, replace=False):
     out["b"][t, 0, 0] = np.nan
   return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
-
-
-def assert_trees_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb, strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def assert_trees_close(a, b, atol=0.0):
@@ -373,24 +372,7 @@ def test_checkpoint_resume_is_bit_identical(make):
   grads = grads_for(norms, seed=7)
   params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
   tx = optax.chain(make(), optax.sgd(0.1, momentum=0.9))
-  update = jax.jit(tx.update)
-  step = lambda t: jax.tree_util.tree_map(lambda g: g[t], grads)
-
-  state = tx.init(params)
-  straight = []
-  for t in range(60):
-    out, state = update(step(t), state, params)
-    straight.append(out)
-
-  resumed = tx.init(params)
-  for t in range(30):
-    _, resumed = update(step(t), resumed, params)
-  blob = flax.serialization.to_bytes(resumed)
-  resumed = flax.serialization.from_bytes(tx.init(params), blob)
-  for t in range(30, 60):
-    out, resumed = update(step(t), resumed, params)
-    assert_trees_equal(out, straight[t])
-  assert_trees_equal(resumed, state)
+  assert_resume_is_bit_identical(tx, grads, params, 60)
 
 
 # ----------------------------------------------------------------------------- hyperparameters

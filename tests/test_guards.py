@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _refs import as64, norm64, run_scan, spiky_norms
+from _refs import (
+    as64,
+    assert_resume_is_bit_identical,
+    assert_trees_equal,
+    norm64,
+    run_scan,
+    spiky_norms,
+)
 
 import clipax
 
@@ -54,13 +60,6 @@ def grads_for(norms):
 
 def leaves(tree):
   return jax.tree_util.tree_leaves(tree)
-
-
-def assert_trees_equal(a, b):
-  la, lb = leaves(a), leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb, strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 PARAMS = {"w": jnp.zeros(3)}
@@ -228,21 +227,7 @@ def test_checkpoint_resume_is_bit_identical(make):
   norms = norm_stream(50, seed=6, spikes=0.1, nans=3, infs=1)
   grads = grads_for(norms)
   tx = make(optax.chain(clipax.zclip(warmup_steps=5), optax.sgd(0.1, momentum=0.9)))
-  update = jax.jit(tx.update)
-  step = lambda t: {"w": grads["w"][t]}
-  state = tx.init(PARAMS)
-  straight = []
-  for t in range(50):
-    out, state = update(step(t), state, PARAMS)
-    straight.append(out)
-  resumed = tx.init(PARAMS)
-  for t in range(25):
-    _, resumed = update(step(t), resumed, PARAMS)
-  resumed = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(resumed))
-  for t in range(25, 50):
-    out, resumed = update(step(t), resumed, PARAMS)
-    assert_trees_equal(out, straight[t])
-  assert_trees_equal(resumed, state)
+  assert_resume_is_bit_identical(tx, grads, PARAMS, 50)
 
 
 def test_inject_hyperparams_threshold():
