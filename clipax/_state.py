@@ -28,8 +28,10 @@ class ClipState(NamedTuple):
       was zeroed for being non-finite; for element-wise and per-leaf clippers, the smallest
       factor applied to any element).
     clipped: bool, whether the last update was clipped.
-    clipped_count: int32, number of clipped updates.
-    nonfinite_count: int32, number of updates whose norm was NaN or Inf.
+    clipped_count: int32, number of clipped updates (saturates).
+    nonfinite_count: int32, number of updates whose norm was NaN or Inf (saturates).
+    invalid_count: int32, number of updates zeroed because a traced hyperparameter was NaN or
+      out of its range (saturates); see :mod:`clipax._checks`.
   """
 
   count: jax.Array
@@ -38,9 +40,26 @@ class ClipState(NamedTuple):
   clipped: jax.Array
   clipped_count: jax.Array
   nonfinite_count: jax.Array
+  invalid_count: jax.Array
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     return clip_state_metrics(self)
+
+
+INT_MAX = 2**31 - 1
+
+
+def stat_dtype() -> jnp.dtype:
+  """The dtype of every norm and statistic kept in a state: float32, or float64 when JAX runs
+  with x64 enabled (so a finite float64 norm of 1e40 stays finite)."""
+  return jnp.dtype(jnp.result_type(float))
+
+
+def add_count(counter: jax.Array, amount: Any) -> jax.Array:
+  """``counter + amount`` for an int32 counter and an ``amount >= 0``, saturating at 2**31 - 1
+  instead of wrapping to a negative number."""
+  amount = jnp.asarray(amount).astype(counter.dtype)
+  return jnp.minimum(counter, INT_MAX - amount) + amount
 
 
 def init_clip_state() -> ClipState:
@@ -48,25 +67,40 @@ def init_clip_state() -> ClipState:
   zero = jnp.zeros([], jnp.int32)
   return ClipState(
       count=zero,
-      norm=jnp.zeros([], jnp.float32),
-      scale=jnp.ones([], jnp.float32),
+      norm=jnp.zeros([], stat_dtype()),
+      scale=jnp.ones([], stat_dtype()),
       clipped=jnp.zeros([], jnp.bool_),
       clipped_count=zero,
       nonfinite_count=zero,
+      invalid_count=zero,
   )
 
 
 def record(
-    state: ClipState, norm: jax.Array, scale: jax.Array, clipped: jax.Array, nonfinite: jax.Array
+    state: ClipState,
+    norm: jax.Array,
+    scale: jax.Array,
+    clipped: jax.Array,
+    nonfinite: jax.Array,
+    invalid: jax.Array | None = None,
 ) -> ClipState:
-  """The state after one update with this pre-clip norm, applied scale and flags."""
+  """The state after one update with this pre-clip norm, applied scale and flags.
+
+  Every counter saturates (:func:`add_count`); ``invalid`` (a traced hyperparameter out of its
+  range, or ``None`` when none can be) is counted in ``invalid_count``.
+  """
+  dtype = state.norm.dtype
   return ClipState(
       count=optax.safe_increment(state.count),
-      norm=jnp.asarray(norm).astype(jnp.float32),
-      scale=jnp.asarray(scale).astype(jnp.float32),
+      norm=jnp.asarray(norm).astype(dtype),
+      scale=jnp.asarray(scale).astype(dtype),
       clipped=jnp.asarray(clipped, jnp.bool_),
-      clipped_count=state.clipped_count + jnp.asarray(clipped, jnp.int32),
-      nonfinite_count=state.nonfinite_count + jnp.asarray(nonfinite, jnp.int32),
+      clipped_count=add_count(state.clipped_count, jnp.asarray(clipped, jnp.int32)),
+      nonfinite_count=add_count(state.nonfinite_count, jnp.asarray(nonfinite, jnp.int32)),
+      invalid_count=(
+          state.invalid_count if invalid is None
+          else add_count(state.invalid_count, jnp.asarray(invalid, jnp.int32))
+      ),
   )
 
 
@@ -91,6 +125,7 @@ def clip_state_metrics(state: Any) -> dict[str, jax.Array]:
       "clip_rate": rate,
       "clipped_count": clipped_count,
       "nonfinite_count": _value(state.nonfinite_count),
+      "invalid_count": _value(state.invalid_count),
       "count": count,
   }
 
