@@ -6,13 +6,13 @@ diagnostics, every clipper an ``optax.GradientTransformation``.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from clipax._adaptive import AdaGCState as AdaGCState
+from clipax._adagc import AdaGCState as AdaGCState
+from clipax._adagc import adagc as adagc
 from clipax._adaptive import AutoClipState as AutoClipState
 from clipax._adaptive import ZClipState as ZClipState
-from clipax._adaptive import adagc as adagc
 from clipax._adaptive import autoclip as autoclip
 from clipax._adaptive import zclip as zclip
-from clipax._clipping import adaptive_grad_clip as adaptive_grad_clip
+from clipax._agc import adaptive_grad_clip as adaptive_grad_clip
 from clipax._clipping import clip_by_block_rms as clip_by_block_rms
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm

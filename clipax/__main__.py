@@ -22,7 +22,19 @@ BENCH_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "
 """Where ``bench`` looks for the benchmark script: ``benchmarks/`` beside the ``clipax`` package."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _positive_int(text: str) -> int:
+  """``--seeds``: a positive integer, else a usage error (argparse prints it and exits 2)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+  """The ``clipax`` parser and its ``demo`` subparser (which reports the demo's usage errors)."""
   from clipax.experiments import EXPERIMENTS
 
   parser = argparse.ArgumentParser(prog="clipax", description="clipax: gradient clipping for JAX.")
@@ -36,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
   )
   demo.add_argument("--quick", action="store_true", help="a small, fast version of each experiment")
   demo.add_argument(
-      "--seeds", type=int, default=None,
+      "--seeds", type=_positive_int, default=None, metavar="N",
       help="number of seeds (default: 10 for imbalance, 1 for the others)",
   )
   demo.add_argument(
-      "--out", type=pathlib.Path, default=pathlib.Path("clipax-demo"),
+      "--out", type=pathlib.Path, default=pathlib.Path("clipax-demo"), metavar="DIR",
       help="output folder for the PNG and JSON files (default: ./clipax-demo/)",
   )
   demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -48,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
       "bench", help="run benchmarks/bench_clip.py (source checkout only); arguments are forwarded",
       add_help=False,
   )
-  return parser
+  return parser, demo
 
 
 def run_demo(
@@ -109,11 +121,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _bench(argv[1:])
   if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
     argv = ["demo", *argv]
-  args = _parser().parse_args(argv)
+  parser, demo_parser = _parser()
+  args = parser.parse_args(argv)
   if args.command != "demo":  # pragma: no cover - argparse exits for anything else
     return 2
+  # Before any experiment runs: a bad --out is a usage error, not a traceback minutes later.
+  if args.out.exists() and not args.out.is_dir():
+    demo_parser.error(f"argument --out: {str(args.out)!r} exists and is not a folder")
+  try:
+    args.out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    demo_parser.error(f"argument --out: cannot create the folder {str(args.out)!r}: "
+                      f"{e.strerror or e}")
   names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-  run_demo(names, quick=args.quick, seeds=args.seeds, out=args.out, progress=not args.no_progress)
+  try:
+    run_demo(names, quick=args.quick, seeds=args.seeds, out=args.out,
+             progress=not args.no_progress)
+  except KeyboardInterrupt:
+    print("clipax: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -1,4 +1,4 @@
-"""Clipping with fixed thresholds: global norm, value, per-leaf norm, block RMS and AGC.
+"""Clipping with fixed thresholds: global norm, value, per-leaf norm and block RMS.
 
 Each clipper is ``measure -> threshold -> act -> record``: the norm comes from ``_norms``, the
 scale ``min(1, threshold / norm)`` is computed in float32 and applied once per leaf, and the
@@ -8,7 +8,7 @@ pre-clip norm, scale and counters go into a :class:`~clipax.ClipState`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,6 @@ from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._norms import (
     AxisName,
-    ReductionAxes,
     Replicated,
     _global,
     _leafwise,
@@ -28,7 +27,6 @@ from clipax._norms import (
     check_replicated,
     float_leaves,
     global_norm,
-    unitwise_norms,
 )
 from clipax._state import init_clip_state, record
 
@@ -62,8 +60,13 @@ def _apart_on_cpu(g: jax.Array, tag: jax.Array) -> jax.Array:
   return lax.platform_dependent(g, tag, cpu=apart, default=lambda x, t: x)
 
 
-def rescale(g: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
-  """``g * scale`` in ``g``'s dtype; zeros where ``zero`` is true.
+def rescale(
+    g: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None = None,
+    nan: jax.Array | None = None,
+) -> jax.Array:
+  """``g * scale`` in ``g``'s dtype; zeros where ``zero`` is true, NaN where ``nan`` is.
 
   Float16/bfloat16 leaves are multiplied in float32 and rounded once, so a small scale loses no
   precision; wider leaves are multiplied by the scale cast to their dtype. A scale of exactly 1
@@ -74,18 +77,59 @@ def rescale(g: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> ja
     out = out.astype(g.dtype)
   else:
     out = g * scale.astype(jnp.finfo(g.dtype).dtype)
+  if nan is not None:
+    out = jnp.where(nan, jnp.full([], jnp.nan, out.dtype), out)
   if zero is not None:
     out = jnp.where(zero, jnp.zeros([], out.dtype), out)
   return out
 
 
-def _zero_flag(norm: jax.Array, nonfinite: Nonfinite) -> tuple[jax.Array, jax.Array | None]:
+class Action(NamedTuple):
+  """What the shared non-finite and invalid-hyperparameter rules do to one step.
+
+  Attributes:
+    bad: the step's norm is NaN or Inf (counted in ``nonfinite_count``).
+    invalid: a traced hyperparameter is NaN or out of range (``invalid_count``); ``None`` when
+      every hyperparameter is a python number.
+    zero: where the update is zeroed: ``bad`` under ``nonfinite="zero"``, and ``invalid``
+      always; ``None`` for never.
+    nan: where every element becomes NaN: ``bad`` under ``nonfinite="propagate"``.
+  """
+
+  bad: jax.Array
+  invalid: jax.Array | None
+  zero: jax.Array | None
+  nan: jax.Array | None
+
+  def apply(self, g: jax.Array, scale: jax.Array) -> jax.Array:
+    return rescale(g, scale, self.zero, self.nan)
+
+  def recorded(self, scale: jax.Array) -> jax.Array:
+    """The scale to record: 0 where zeroed, NaN where propagated."""
+    if self.nan is not None:
+      scale = jnp.where(self.nan, jnp.nan, scale)
+    if self.zero is not None:
+      scale = jnp.where(self.zero, 0, scale)
+    return scale
+
+  def clipped(self, over: jax.Array) -> jax.Array:
+    """``over``, for a step that was acted on normally (finite norm, valid hyperparameters)."""
+    ok = ~self.bad if self.invalid is None else ~(self.bad | self.invalid)
+    return over & ok
+
+
+def action(norm: jax.Array, nonfinite: Nonfinite, invalid: jax.Array | None = None) -> Action:
+  """The :class:`Action` for a step with this norm, policy and invalid-hyperparameter flag."""
   bad = ~jnp.isfinite(norm)
-  return bad, (bad if nonfinite == "zero" else None)
+  if nonfinite == "zero":
+    return Action(bad, invalid, _checks.any_of(bad, invalid), None)
+  nan = bad if invalid is None else bad & ~invalid
+  return Action(bad, invalid, invalid, nan)
 
 
-def _recorded_scale(scale: jax.Array, zero: jax.Array | None) -> jax.Array:
-  return scale if zero is None else jnp.where(zero, 0, scale)
+def invalid_threshold(value: Any) -> jax.Array | None:
+  """A traced threshold that is NaN or negative (``+inf`` is valid: clipping off)."""
+  return _checks.invalid(value, low=0.0, allow_inf=True)
 
 
 def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
@@ -97,12 +141,14 @@ def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
 
 
 def _clip(
-    tree: Any, norm: jax.Array, max_norm: Any, nonfinite: Nonfinite
-) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+    tree: Any, norm: jax.Array, max_norm: Any, nonfinite: Nonfinite, what: str
+) -> tuple[Any, jax.Array, jax.Array, Action]:
+  treedef = jax.tree_util.tree_structure(tree)
+  leaves = float_leaves(tree, what)
   scale, over = scale_for(norm, max_norm)
-  bad, zero = _zero_flag(norm, nonfinite)
-  out = jax.tree_util.tree_map(lambda g: rescale(g, scale, zero), tree)
-  return out, _recorded_scale(scale, zero), over & ~bad, bad
+  act = action(norm, nonfinite, invalid_threshold(max_norm))
+  out = treedef.unflatten([act.apply(g, scale) for g in leaves])
+  return out, act.recorded(scale), act.clipped(over), act
 
 
 def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonfinite = "zero"):
@@ -135,10 +181,20 @@ def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonf
   """
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
-  norm = jnp.asarray(norm)
+  try:
+    norm = jnp.asarray(norm)
+  except TypeError as err:
+    raise TypeError(f"`norm` must be a number or a scalar array, got {norm!r}") from err
+  if norm.shape != () or not jnp.issubdtype(norm.dtype, jnp.number):
+    raise TypeError(
+        f"`norm` must be a real scalar (e.g. from clipax.global_norm), got shape {norm.shape} "
+        f"and dtype {norm.dtype}"
+    )
+  if jnp.issubdtype(norm.dtype, jnp.complexfloating):
+    raise TypeError(f"`norm` must be real, got dtype {norm.dtype}")
   if not jnp.issubdtype(norm.dtype, jnp.floating):
     norm = norm.astype(jnp.float32)
-  return _clip(tree, norm, max_norm, nonfinite)[0]
+  return _clip(tree, norm, max_norm, nonfinite, "clip_with_norm")[0]
 
 
 def clip_by_global_norm(
@@ -214,8 +270,8 @@ def clip_by_global_norm(
     del params
     with jax.named_scope("clipax/clip_by_global_norm"):
       norm = global_norm(updates, ord=ord, axis_name=axis_name, replicated=replicated)
-      out, scale, clipped, bad = _clip(updates, norm, max_norm, nonfinite)
-      return out, record(state, norm, scale, clipped, bad)
+      out, scale, clipped, act = _clip(updates, norm, max_norm, nonfinite, "clip_by_global_norm")
+      return out, record(state, norm, scale, clipped, act.bad, act.invalid)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -277,11 +333,13 @@ def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.Gra
       peak = global_norm(updates, ord=math.inf)
       scale, over = scale_for(peak, max_value)
       c = jnp.maximum(jnp.asarray(max_value).astype(peak.dtype), 0)
-      bad, zero = _zero_flag(norm, nonfinite)
-      out = jax.tree_util.tree_map(
-          lambda g: rescale(_clip_value_leaf(g, c), jnp.ones([], jnp.float32), zero), updates
-      )
-      return out, record(state, norm, _recorded_scale(scale, zero), over & ~bad, bad)
+      act = action(norm, nonfinite, invalid_threshold(max_value))
+      treedef = jax.tree_util.tree_structure(updates)
+      one = jnp.ones([], jnp.float32)
+      out = treedef.unflatten([
+          act.apply(_clip_value_leaf(g, c), one) for g in float_leaves(updates, "clip_by_value")
+      ])
+      return out, record(state, norm, act.recorded(scale), act.clipped(over), act.bad, act.invalid)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -293,11 +351,16 @@ def _min_or_one(scales: list[jax.Array]) -> jax.Array:
 
 
 def _per_leaf_clip(
-    updates: Any, norms: list[jax.Array], thresholds: list[Any], nonfinite: Nonfinite, ord: float
-) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+    updates: Any,
+    norms: list[jax.Array],
+    thresholds: list[Any],
+    nonfinite: Nonfinite,
+    ord: float,
+    invalid: jax.Array | None,
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, Action]:
   """Scales leaf ``i`` by ``min(1, t_i / n_i)`` (``n_i`` may be a keepdims array of units).
 
-  Returns ``(clipped updates, global norm, smallest scale, any clipped, non-finite)``.
+  Returns ``(clipped updates, global norm, recorded scale, any clipped, action)``.
   """
   treedef = jax.tree_util.tree_structure(updates)
   leaves = float_leaves(updates, "clip")
@@ -305,14 +368,14 @@ def _per_leaf_clip(
   scales = [s for s, _ in pairs]
   overs = [o for _, o in pairs]
   norm = by_ord(ord, lambda o: combine_norms(list(norms), o))
-  bad, zero = _zero_flag(norm, nonfinite)
-  out = treedef.unflatten([rescale(g, s, zero) for g, s in zip(leaves, scales, strict=True)])
+  act = action(norm, nonfinite, invalid)
+  out = treedef.unflatten([act.apply(g, s) for g, s in zip(leaves, scales, strict=True)])
   any_over = jnp.any(jnp.stack([jnp.any(o) for o in overs])) if overs else jnp.zeros([], bool)
-  return out, norm, _recorded_scale(_min_or_one(list(scales)), zero), any_over & ~bad, bad
+  return out, norm, act.recorded(_min_or_one(list(scales))), act.clipped(any_over), act
 
 
 def _transformation(name: str, clip_fn) -> optax.GradientTransformation:
-  """A stateful clipper from ``clip_fn(updates, params) -> (out, norm, scale, clipped, bad)``."""
+  """A stateful clipper from ``clip_fn(updates, params) -> (out, norm, scale, clipped, action)``."""
 
   def init_fn(params):
     del params
@@ -320,8 +383,8 @@ def _transformation(name: str, clip_fn) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     with jax.named_scope(f"clipax/{name}"):
-      out, norm, scale, clipped, bad = clip_fn(updates, params)
-      return out, record(state, norm, scale, clipped, bad)
+      out, norm, scale, clipped, act = clip_fn(updates, params)
+      return out, record(state, norm, scale, clipped, act.bad, act.invalid)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -366,7 +429,9 @@ def clip_by_leaf_norm(
     leaves = float_leaves(updates, "clip_by_leaf_norm")
 
     norms = by_ord(ord, lambda o: _leafwise(leaves, o, None))
-    return _per_leaf_clip(updates, norms, [max_norm] * len(norms), nonfinite, ord)
+    return _per_leaf_clip(
+        updates, norms, [max_norm] * len(norms), nonfinite, ord, invalid_threshold(max_norm)
+    )
 
   return _transformation("clip_by_leaf_norm", clip_fn)
 
@@ -408,69 +473,6 @@ def clip_by_block_rms(
     leaves = float_leaves(updates, "clip_by_block_rms")
     norms = _leafwise(leaves, 2, None)
     limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(x.size) for x in leaves]
-    return _per_leaf_clip(updates, norms, limits, nonfinite, 2)
+    return _per_leaf_clip(updates, norms, limits, nonfinite, 2, invalid_threshold(threshold))
 
   return _transformation("clip_by_block_rms", clip_fn)
-
-
-def adaptive_grad_clip(
-    clipping: Any,
-    *,
-    eps: float = 1e-3,
-    axes: ReductionAxes = None,
-    nonfinite: Nonfinite = "zero",
-) -> optax.GradientTransformation:
-  r"""Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
-
-  .. math::
-    g_u \leftarrow g_u \cdot \min\Big(1, \frac{\lambda \max(\|w_u\|, \epsilon)}{\|g_u\|}\Big)
-
-  A unit is a slice along the last axis of a leaf (an output neuron of a Flax ``Dense`` kernel
-  ``(in, out)`` or a convolution kernel ``(h, w, in, out)``); rank 0 and 1 leaves are one unit.
-  Norms are in float32 whatever the dtype of gradients and parameters.
-
-  Args:
-    clipping: ``lambda`` >= 0, the allowed ratio of gradient to parameter norm.
-    eps: floor on the parameter norm, so zero-initialised parameters can move (> 0).
-    axes: ``None`` for the rule above, or a function from a leaf to the axes it reduces over.
-    nonfinite: ``"zero"`` (default) or ``"propagate"``, as in :func:`clip_by_leaf_norm`.
-
-  Returns:
-    An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
-    smallest unit ``scale``, ``clipped`` if any unit was). ``update`` needs ``params``.
-
-  Raises:
-    ValueError: for a bad ``clipping``, ``eps`` or ``nonfinite``; when ``update`` is called
-      without ``params``.
-
-  Examples:
-    >>> import jax
-    >>> import jax.numpy as jnp
-    >>> import clipax
-    >>> tx = clipax.adaptive_grad_clip(0.1)
-    >>> params = {"w": jnp.array([[1.0], [0.0]])}  # one unit of norm 1
-    >>> grads = {"w": jnp.array([[3.0], [4.0]])}   # norm 5 > 0.1 * 1
-    >>> out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    >>> print(f"{out['w'][0, 0]:.3f} {out['w'][1, 0]:.3f}")
-    0.060 0.080
-
-  References:
-    Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
-    Normalization", 2021, https://arxiv.org/abs/2102.06171
-  """
-  _checks.threshold("clipping", clipping)
-  _checks.number("eps", eps, low=0.0, low_open=True)
-  _checks.nonfinite(nonfinite)
-
-  def clip_fn(updates, params):
-    if params is None:
-      raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params)")
-    g_norms = jax.tree_util.tree_leaves(unitwise_norms(updates, axes=axes))
-    p_norms = jax.tree_util.tree_leaves(unitwise_norms(params, axes=axes))
-    if len(g_norms) != len(p_norms):
-      raise ValueError("adaptive_grad_clip: `params` and `updates` have different structures")
-    lam = jnp.asarray(clipping, jnp.float32)
-    limits = [lam * jnp.maximum(p, jnp.asarray(eps, p.dtype)) for p in p_norms]
-    return _per_leaf_clip(updates, g_norms, limits, nonfinite, 2)
-
-  return _transformation("adaptive_grad_clip", clip_fn)

@@ -12,17 +12,36 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from clipax import _checks
 from clipax._state import metrics as _metrics
 
-Status = Literal["healthy", "clipping_often", "never_clipping", "nonfinite"]
-"""What :func:`diagnose` found, from most to least severe: ``"nonfinite"`` (NaN/Inf gradient norms
-were seen), ``"clipping_often"`` (most recent steps were clipped or skipped), ``"never_clipping"``
-(the threshold has caught nothing), ``"healthy"``."""
+Status = Literal[
+    "healthy", "never_clipping", "clipping_often", "unclipped_spikes", "poisoned_threshold",
+    "nonfinite", "invalid_hyperparameter",
+]
+"""What :func:`diagnose` found, from most to least severe: ``"invalid_hyperparameter"`` (recent
+updates were zeroed for a NaN or out-of-range traced hyperparameter), ``"nonfinite"`` (recent
+gradient norms were NaN or Inf; older ones only appear in the advice), ``"poisoned_threshold"`` (a
+learned threshold is NaN, overflowed to Inf, or sits far above the norms, so it stopped catching
+spikes), ``"unclipped_spikes"`` (recent norms far above the running median went through neither
+clipped nor skipped), ``"clipping_often"`` (most recent steps were clipped or skipped),
+``"never_clipping"`` (the threshold has caught nothing), ``"healthy"``. :func:`diagnose` gives
+the exact rules."""
 
-_SEVERITY: dict[str, int] = {"nonfinite": 3, "clipping_often": 2, "never_clipping": 1, "healthy": 0}
+Kind = Literal["fixed", "adaptive", "guard", "spam"]
+"""Which transformation a verdict read: a fixed-threshold clipper, an adaptive clipper (one that
+reports a ``threshold``), a guard (``skip_nonfinite``/``skip_spikes``, it reports
+``skipped_count``) or ``spam`` (it reports ``spikes``)."""
+
+_SEVERITY: dict[str, int] = {
+    "invalid_hyperparameter": 6, "nonfinite": 5, "poisoned_threshold": 4, "unclipped_spikes": 3,
+    "clipping_often": 2, "never_clipping": 1, "healthy": 0,
+}
+_MIN_LEVEL = 3  # finite preceding norms needed before a running median is trusted
+_MAD_TO_STD = 1.4826  # scales a median absolute deviation to a normal standard deviation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,26 +49,31 @@ class Verdict:
   """The result of :func:`diagnose`: a status, what to do about it, and the numbers behind it.
 
   Attributes:
-    status: ``"healthy"``, ``"clipping_often"``, ``"never_clipping"`` or ``"nonfinite"``.
-    advice: one sentence on what to do.
+    status: one of :data:`Status`.
+    advice: what to do, written for the kind of transformation read (``kind``).
     source: the metrics prefix of the clipper the verdict is about (the most severe one when there
       are several), e.g. ``"clip"`` or ``"clip/1"``.
     steps: optimizer steps the clipper has seen.
     window: the steps the rates were computed over (all ``steps`` when only totals were given,
       else the most recent ``window`` steps of the history).
-    clip_rate: fraction of those steps that were clipped.
+    clip_rate: fraction of those steps that were clipped (for ``spam``: that clipped an element).
     skip_rate: fraction of those steps that were skipped by a guard (0 without a guard).
-    guard: whether the state is a guard's (it skips steps rather than clipping them).
     nonfinite_count: steps whose gradient norm was NaN or Inf (over the whole run).
-    last_norm: the last pre-clip gradient norm (``None`` if not recorded).
-    threshold: the last threshold of an adaptive clipper (``None`` for fixed thresholds).
+    last_norm: the last pre-clip gradient norm (``None`` if not recorded or NaN).
+    threshold: the last threshold of an adaptive clipper or spike guard (``None`` without one).
+    guard: whether the state is a guard's (it skips steps rather than clipping them).
+    kind: ``"fixed"``, ``"adaptive"``, ``"guard"`` or ``"spam"`` (see :data:`Kind`).
+    recent_nonfinite: non-finite steps within ``window``.
+    invalid_count: updates zeroed for an invalid traced hyperparameter (over the whole run).
+    spike_steps: indices in the history (0 = its first entry) of the recent steps whose norm was
+      far above the running median and that no clipax transformation clipped or skipped.
 
   Examples:
     >>> import clipax
     >>> m = {"clip/count": 500, "clip/clipped_count": 0, "clip/nonfinite_count": 0}
     >>> verdict = clipax.diagnose(m)
-    >>> print(verdict.status, verdict.healthy)
-    never_clipping False
+    >>> print(verdict.status, verdict.kind, verdict.healthy)
+    never_clipping fixed False
   """
 
   status: Status
@@ -63,6 +87,10 @@ class Verdict:
   last_norm: float | None
   threshold: float | None
   guard: bool = False
+  kind: Kind = "fixed"
+  recent_nonfinite: int = 0
+  invalid_count: int = 0
+  spike_steps: tuple[int, ...] = ()
 
   @property
   def healthy(self) -> bool:
@@ -78,12 +106,23 @@ class Verdict:
       if self.skip_rate > 0:
         parts.append(f"skipped {100 * self.skip_rate:.1f}%")
     if self.nonfinite_count:
-      parts.append(f"{self.nonfinite_count} non-finite")
+      recent = "" if self.recent_nonfinite == self.nonfinite_count else (
+          f" ({self.recent_nonfinite} recent)")
+      parts.append(f"{self.nonfinite_count} non-finite{recent}")
+    if self.invalid_count:
+      parts.append(f"{self.invalid_count} invalid-hyperparameter")
+    if self.spike_steps:
+      parts.append(f"{len(self.spike_steps)} unclipped spikes at {_steps_text(self.spike_steps)}")
     if self.last_norm is not None:
       parts.append(f"last norm {self.last_norm:.4g}")
     if self.threshold is not None:
       parts.append(f"threshold {self.threshold:.4g}")
     return f"[{self.status}] {self.source}: {', '.join(parts)}. {self.advice}"
+
+
+def _steps_text(steps: tuple[int, ...]) -> str:
+  shown = ", ".join(map(str, steps[:8]))
+  return f"history steps [{shown}{', ...' if len(steps) > 8 else ''}]"
 
 
 def _is_metrics(x: Any) -> bool:
@@ -92,11 +131,40 @@ def _is_metrics(x: Any) -> bool:
   )
 
 
+def _floats(value: Any) -> np.ndarray | None:
+  """``value`` as a float64 array, or ``None`` if it is not numeric (bool counts, for flags)."""
+  try:
+    a = np.asarray(value)
+  except (TypeError, ValueError):
+    return None
+  numeric = a.dtype.kind in "biuf" or jnp.issubdtype(a.dtype, jnp.floating)
+  return a.astype(np.float64) if numeric else None
+
+
+def _column(values: list, key: str) -> np.ndarray:
+  """One key of a list of metric dicts as a float64 array; each value must be a number."""
+  out = []
+  for i, v in enumerate(values):
+    a = _floats(v)
+    if a is None or a.size != 1:
+      raise TypeError(f"`metrics_or_state[{i}]` key {key!r} must be a scalar number, got {v!r}")
+    out.append(a.reshape(()))
+  return np.asarray(out)
+
+
 def _as_history(x: Any, prefix: str) -> dict[str, np.ndarray]:
   """Metrics as ``{key: float64 array of shape [steps]}`` (one step when only totals are known)."""
   if isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and x and _is_metrics(x[0]):
-    keys = list(x[0])
-    return {k: np.asarray([np.asarray(m[k], np.float64) for m in x]).reshape(len(x)) for k in keys}
+    for i, m in enumerate(x):
+      missing = [k for k in x[0] if k not in m] if isinstance(m, Mapping) else None
+      extra = [k for k in m if k not in x[0]] if isinstance(m, Mapping) else None
+      if missing is None:
+        raise TypeError(f"`metrics_or_state[{i}]` must be a metrics dict, got {type(m).__name__}")
+      if missing or extra:
+        what = f"misses key {missing[0]!r}" if missing else f"has key {extra[0]!r} not in entry 0"
+        raise ValueError(f"`metrics_or_state[{i}]` {what}: every entry of a history needs the "
+                         "same keys")
+    return {k: _column([m[k] for m in x], k) for k in x[0]}
   if not _is_metrics(x):
     x = _metrics(x, prefix=prefix)
     if not x:
@@ -104,7 +172,16 @@ def _as_history(x: Any, prefix: str) -> dict[str, np.ndarray]:
           "`metrics_or_state` holds no clipax state: pass the dict from clipax.metrics(...), a "
           "list of them, or an optax state containing a clipax clipper"
       )
-  return {k: np.atleast_1d(np.asarray(v, np.float64)).ravel() for k, v in x.items()}
+  out = {k: _floats(v) for k, v in x.items()}
+  for k, a in out.items():
+    if a is None:
+      raise TypeError(f"`metrics_or_state` key {k!r} must be numeric, got {x[k]!r}")
+    out[k] = np.atleast_1d(a).ravel()
+    if out[k].size != next(iter(out.values())).size or out[k].size == 0:
+      first = next(iter(out))
+      raise ValueError(f"`metrics_or_state` key {k!r} has {out[k].size} steps, key {first!r} "
+                       f"{out[first].size}: a history needs equal, non-zero lengths")
+  return out
 
 
 def _groups(history: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -115,82 +192,237 @@ def _groups(history: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
   return {head: g for head, g in groups.items() if "count" in g}
 
 
-def _recent(total: np.ndarray, window: int) -> float:
-  """How much a cumulative counter grew over the last ``window`` entries of its history."""
-  if total.size <= window:
+def _kind(g: dict[str, np.ndarray]) -> Kind:
+  if "spikes" in g:
+    return "spam"
+  if "skipped_count" in g and "clipped_count" not in g:
+    return "guard"
+  return "adaptive" if "threshold" in g else "fixed"
+
+
+def _acted(g: dict[str, np.ndarray]) -> np.ndarray:
+  """Per history entry: whether this transformation clipped or skipped the step."""
+  acted = np.zeros(g["count"].size, bool)
+  for field in ("clipped", "skipped", "spikes"):
+    if field in g:
+      acted |= g[field] > 0
+  return acted
+
+
+def _growth(g: dict[str, np.ndarray], counter: str, flag: np.ndarray | None, span: int) -> float:
+  """How much a cumulative counter grew over the last ``span`` entries of a history.
+
+  When the history is no longer than ``span``, the counter's value before the first entry is 0 if
+  the history starts at step 1, else its first value less that entry's own ``flag`` (0 if the
+  flag is not logged).
+  """
+  total = g.get(counter)
+  if total is None:
+    return 0.0
+  if total.size > span:
+    return float(total[-1] - total[-span - 1])
+  if g["count"][0] <= 1:
     return float(total[-1])
-  return float(total[-1] - total[-window - 1])
+  first = 0.0 if flag is None else float(flag[0])
+  return float(total[-1] - total[0] + first)
+
+
+def _unclipped_spikes(
+    norm: np.ndarray, acted: np.ndarray, span: int, window: int, factor: float
+) -> tuple[int, ...]:
+  """Indices among the last ``span`` entries whose finite norm is more than ``factor`` times the
+  median of the finite norms of the ``window`` entries before it, and more than ``factor``
+  robust standard deviations (1.4826 * MAD) above that median, and which nothing acted on."""
+  x = np.where(np.isfinite(norm), norm, np.nan)
+  n = x.size
+  region = x[max(0, n - span - window):]
+  if np.all(np.isnan(region)):
+    return ()
+  floor = np.nanmin(region)  # a lower bound of every running median: a cheap first filter
+  found = []
+  for i in range(n - span, n):
+    if acted[i] or np.isnan(x[i]) or not x[i] > factor * floor:
+      continue
+    prev = x[max(0, i - window):i]
+    prev = prev[~np.isnan(prev)]
+    if prev.size < _MIN_LEVEL:
+      continue
+    level = float(np.median(prev))
+    spread = _MAD_TO_STD * float(np.median(np.abs(prev - level)))
+    if level > 0 and x[i] > factor * level and x[i] > level + factor * spread:
+      found.append(i)
+  return tuple(found)
+
+
+def _poisoned(
+    g: dict[str, np.ndarray], span: int, steps: int, min_steps: int, factor: float
+) -> str | None:
+  """Why the last threshold is poisoned, or ``None`` if it is not (see :func:`diagnose`)."""
+  thr = g.get("threshold")
+  if thr is None:
+    return None
+  t = float(thr[-1])
+  if math.isnan(t) or t < 0:
+    return f"{t}"
+  if math.isinf(t):
+    # inf means "not detecting yet" (warm-up); once it has been finite, it means overflow.
+    return "inf after having been finite" if np.any(np.isfinite(thr[:-1])) else None
+  norm = g.get("norm")
+  if norm is None or steps < min_steps:
+    return None
+  recent = norm[-span:]
+  recent = recent[np.isfinite(recent)]
+  if recent.size == 0:
+    return None
+  level = float(np.median(recent))
+  if level > 0 and t > factor * level:
+    return f"{t:.4g}, {t / level:.0f}x the median norm {level:.4g}"
+  return None
+
+
+# Advice per (status, kind); "spike_guard" is a guard with a spike rule (skip_spikes). Fields:
+# {span} recent steps, {why} the poisoned threshold, {head} the unclipped spikes, {act} the verb.
+_ADVICE: dict[tuple[str, str], str] = {
+    ("invalid_hyperparameter", ""): "Recent updates were zeroed because a traced hyperparameter "
+    "(a schedule, an inject_hyperparams value) was NaN or out of its range: check it.",
+    ("nonfinite", ""): "Non-finite gradient norms in the last {span} steps (those steps were "
+    "{act}): look for an overflow (learning rate, loss scale, bf16/fp16 range) or a bad batch.",
+    ("poisoned_threshold", ""): "The threshold is {why}: its statistics were inflated (a spike or "
+    "an overflow got in, or a warm-up cap far above the norms), so it no longer catches spikes; "
+    "cap it with `max_norm` or re-initialise the clipper's state.",
+    ("poisoned_threshold", "spike_guard"): "The threshold is {why}: spikes in the guard's window "
+    "of accepted norms inflate its mean and std, so further spikes go through until they leave "
+    "it; clip before the guard (clip_by_global_norm) to bound what it accepts.",
+    ("unclipped_spikes", "fixed"): "{head} unclipped: the threshold is above them; lower it "
+    "(clipax.suggest_max_norm).",
+    ("unclipped_spikes", "adaptive"): "{head} unclipped: the learned threshold was warming up or "
+    "inflated; cap it with `max_norm`, or make the rule stricter.",
+    ("unclipped_spikes", "spike_guard"): "{head} unskipped: the guard was warming up or its "
+    "statistics were inflated; clip before the guard, or lower `warmup`.",
+    ("unclipped_spikes", "guard"): "{head}: skip_nonfinite only skips non-finite steps; add a "
+    "clipper or use clipax.skip_spikes.",
+    ("unclipped_spikes", "spam"): "{head} with no element clipped: lower `theta`, or clip the "
+    "global norm before SpAM.",
+    ("clipping_often", "fixed"): "Most recent steps hit the fixed threshold, so it is acting as "
+    "the learning rate: lower the learning rate or check the data (or raise the threshold, see "
+    "clipax.suggest_max_norm).",
+    ("clipping_often", "adaptive"): "The learned threshold clips most recent steps, so it is "
+    "acting as the learning rate: by design for a low autoclip percentile; else loosen the rule "
+    "(z_threshold, percentile, ratio) or lower the learning rate.",
+    ("clipping_often", "guard"): "The guard skipped most recent steps, so training has nearly "
+    "stopped: check the data and the learning rate, or raise the guard's `threshold`.",
+    ("clipping_often", "spam"): "SpAM clipped spike elements on most recent steps: raise `theta` "
+    "or lower the learning rate.",
+    ("never_clipping", "fixed"): "The threshold catches nothing: it only guards against future "
+    "spikes; to clip the tail of the norm distribution use clipax.suggest_max_norm on logged "
+    "norms.",
+    ("never_clipping", "adaptive"): "The learned threshold catches nothing: the norms are "
+    "steady; make the rule stricter (z_threshold, percentile, ratio) to clip their tail.",
+    ("never_clipping", "guard"): "The guard has skipped nothing: no step was non-finite or "
+    "flagged as a spike; it is insurance.",
+    ("never_clipping", "spam"): "SpAM catches nothing: no gradient element was a spike; lower "
+    "`theta` to clip more.",
+    ("quiet", ""): "Nothing was {act} recently; earlier outliers were caught.",
+    ("occasional", ""): "{Act} only the occasional outlier step.",
+    ("sizeable", ""): "{Act} a sizeable share of steps, below `clip_rate_high`: the threshold is "
+    "close to the typical norm; watch the trend (clipax.suggest_max_norm).",
+    ("sizeable", "adaptive"): "{Act} a sizeable share of steps, below `clip_rate_high`: expected "
+    "of percentile rules such as autoclip; watch the trend.",
+}
+
+
+def _advice(status: str, kind: Kind, g: dict[str, np.ndarray], info: dict[str, Any]) -> str:
+  if status == "healthy":
+    busy = info["busy"]
+    status = "quiet" if busy == 0 else "occasional" if busy < 0.2 else "sizeable"
+  key = "spike_guard" if kind == "guard" and "spike_count" in g else kind
+  act = "skipped" if kind == "guard" else "clipped"
+  if status == "nonfinite" and kind not in ("guard", "spam"):
+    act = "zeroed (or NaN with nonfinite='propagate')"
+  elif status == "nonfinite":
+    act = "skipped"
+  n = len(info["spikes"])
+  head = (f"{n} recent step{'s' if n > 1 else ''} ({_steps_text(info['spikes'])}) had a norm "
+          f"over {info['factor']:g}x the running median and went through")
+  text = next(_ADVICE[k] for k in ((status, key), (status, kind), (status, "")) if k in _ADVICE)
+  return text.format(span=info["span"], why=info["poisoned"], head=head, act=act,
+                     Act=act.capitalize())
 
 
 def _verdict(
-    source: str, g: dict[str, np.ndarray], window: int, clip_rate_high: float, min_steps: int
+    source: str, g: dict[str, np.ndarray], acted_any: np.ndarray, opts: dict[str, Any]
 ) -> Verdict:
+  window, min_steps = opts["window"], opts["min_steps"]
+  kind = _kind(g)
   count = g["count"]
   steps = int(count[-1])
   history = count.size > 1
-  if history:
-    # Entries of a history are one step apart; the steps before the history began are not known.
-    span = int(min(window, steps, count.size))
-    clipped = g.get("clipped")
-    clip_events = (
-        float(np.sum(clipped[-span:])) if clipped is not None
-        else _recent(g.get("clipped_count", np.zeros_like(count)), span)
-    )
-  else:
-    span = steps
-    clip_events = float(g.get("clipped_count", np.zeros(1))[-1])
-  skipped = g.get("skipped_count")
-  skip_events = 0.0 if skipped is None else (_recent(skipped, span) if history else skipped[-1])
-  denom = max(span, 1)
-  clip_rate, skip_rate = clip_events / denom, float(skip_events) / denom
-  nonfinite = int(g.get("nonfinite_count", np.zeros(1))[-1])
-  # Over the whole run: a history's first entry may not be step 1, the counters know.
-  ever_clipped = (
-      float(g["clipped_count"][-1]) if "clipped_count" in g
-      else float(np.sum(g.get("clipped", np.zeros(1))))
-  )
-  ever_skipped = 0.0 if skipped is None else float(skipped[-1])
   norm = g.get("norm")
-  last_norm = None if norm is None else float(norm[-1])
-  threshold = None if "threshold" not in g else float(g["threshold"][-1])
+  # Entries of a history are one step apart; the steps before the history began are not known.
+  span = int(min(window, steps, count.size)) if history else steps
+  if kind == "spam" and not history:
+    span = 1  # spam logs the last step's spikes only
+  if history:
+    flags = {f: g[f] > 0 for f in ("clipped", "skipped", "spikes") if f in g}
+    clip_flag = flags.get("spikes", flags.get("clipped"))
+    clip_events = (float(np.sum(clip_flag[-span:])) if clip_flag is not None
+                   else _growth(g, "clipped_count", None, span))
+    skip_events = _growth(g, "skipped_count", flags.get("skipped"), span)
+    nonfinite_flag = None if norm is None else ~np.isfinite(norm)
+    recent_nonfinite = _growth(g, "nonfinite_count", nonfinite_flag, span)
+    recent_invalid = _growth(g, "invalid_count", None, span)
+  else:
+    clip_events = float(g["spikes"][-1] > 0) if kind == "spam" else float(
+        g.get("clipped_count", np.zeros(1))[-1])
+    skip_events = float(g.get("skipped_count", np.zeros(1))[-1])
+    recent_nonfinite = float(g.get("nonfinite_count", np.zeros(1))[-1])
+    recent_invalid = float(g.get("invalid_count", np.zeros(1))[-1])
+  denom = max(span, 1)
+  clip_rate, skip_rate = clip_events / denom, skip_events / denom
+  nonfinite = int(g.get("nonfinite_count", np.zeros(1))[-1])
+  invalid = int(g.get("invalid_count", np.zeros(1))[-1])
+  # Over the whole run: a history's first entry may not be step 1, the counters know.
+  if "clipped_count" in g:
+    ever = float(g["clipped_count"][-1])
+  elif kind == "spam":  # spam has no counter: what the history shows, if it starts at step 1
+    ever = float(np.sum(g["spikes"] > 0)) if history and count[0] <= 1 else math.nan
+  else:
+    ever = float(np.sum(g.get("clipped", np.zeros(1))))
+  ever += float(g.get("skipped_count", np.zeros(1))[-1])
+  spikes: tuple[int, ...] = ()
+  if history and norm is not None:
+    acted = acted_any | ~np.isfinite(norm)
+    spikes = _unclipped_spikes(norm, acted, span, window, opts["spike_factor"])
+  poisoned = _poisoned(g, span, steps, min_steps, opts["threshold_factor"])
 
-  if nonfinite > 0:
-    status: Status = "nonfinite"
-    advice = (
-        "Non-finite gradient norms were seen (those steps were zeroed or skipped): look for an "
-        "overflow (learning rate, loss scale, bf16/fp16 range) or a bad batch."
-    )
-  elif steps > 0 and clip_rate + skip_rate >= clip_rate_high:
+  if recent_invalid > 0:
+    status: Status = "invalid_hyperparameter"
+  elif recent_nonfinite > 0:
+    status = "nonfinite"
+  elif poisoned is not None:
+    status = "poisoned_threshold"
+  elif spikes:
+    status = "unclipped_spikes"
+  elif steps > 0 and clip_rate + skip_rate >= opts["clip_rate_high"]:
     status = "clipping_often"
-    advice = (
-        "Most recent steps hit the threshold, so it is acting as the learning rate: lower the "
-        "learning rate or check the data (or raise the threshold, see clipax.suggest_max_norm)."
-    )
-  elif steps >= min_steps and ever_clipped == 0 and ever_skipped == 0:
+  elif steps >= min_steps and ever == 0:
     status = "never_clipping"
-    advice = (
-        "The threshold catches nothing: it only guards against future spikes; to clip the tail of "
-        "the norm distribution use clipax.suggest_max_norm on logged norms."
-    )
   else:
     status = "healthy"
-    verb = "skipping" if skipped is not None and "clipped_count" not in g else "clipping"
-    busy = clip_rate + skip_rate
-    if busy == 0:
-      advice = "Nothing hit the threshold recently; earlier outliers were caught."
-    elif busy < 0.2:
-      advice = f"{verb.capitalize()} only the occasional outlier step."
-    else:
-      advice = (
-          f"{verb.capitalize()} a sizeable share of steps, below `clip_rate_high`: expected of "
-          "percentile rules such as autoclip; watch the trend."
-      )
-  if last_norm is not None and not math.isfinite(last_norm):
-    last_norm = None if math.isnan(last_norm) else last_norm
+  info = {"span": span, "poisoned": poisoned, "spikes": spikes, "busy": clip_rate + skip_rate,
+          "factor": opts["spike_factor"]}
+  advice = _advice(status, kind, g, info)
+  if nonfinite and status != "nonfinite":
+    advice += f" ({nonfinite} non-finite steps earlier in the run, none in the last {span}.)"
+  if invalid and status != "invalid_hyperparameter":
+    advice += f" ({invalid} steps zeroed for an invalid hyperparameter earlier in the run.)"
+  last_norm = None if norm is None or math.isnan(norm[-1]) else float(norm[-1])
+  threshold = None if "threshold" not in g else float(g["threshold"][-1])
   return Verdict(
       status=status, advice=advice, source=source, steps=steps, window=span,
       clip_rate=clip_rate, skip_rate=skip_rate, nonfinite_count=nonfinite, last_norm=last_norm,
-      threshold=threshold, guard=skipped is not None and "clipped_count" not in g,
+      threshold=threshold, guard=kind == "guard", kind=kind,
+      recent_nonfinite=int(recent_nonfinite), invalid_count=invalid, spike_steps=spikes,
   )
 
 
@@ -200,37 +432,60 @@ def diagnose(
     window: int = 100,
     clip_rate_high: float = 0.5,
     min_steps: int = 100,
+    spike_factor: float = 10.0,
+    threshold_factor: float = 10.0,
     prefix: str = "clip",
 ) -> Verdict:
   """A verdict on how clipping is going, from metrics or an optax state.
 
   The rules, checked in this order (for each clipax state found; the most severe verdict wins):
 
-  1. ``"nonfinite"``: some gradient norm was NaN or Inf (``nonfinite_count > 0``).
-  2. ``"clipping_often"``: at least ``clip_rate_high`` of the recent steps were clipped or skipped.
+  1. ``"invalid_hyperparameter"``: ``invalid_count`` grew within the recent steps.
+  2. ``"nonfinite"``: ``nonfinite_count`` grew within the recent steps. Non-finite steps before
+     them are reported in ``nonfinite_count`` and the advice, not in the status.
+  3. ``"poisoned_threshold"``: the last ``threshold`` of an adaptive clipper or spike guard is NaN
+     or negative; or ``inf`` after an earlier entry of the history had a finite one (``inf``
+     otherwise means "still warming up"); or, once ``min_steps`` steps were seen, above
+     ``threshold_factor`` times the median finite norm of the recent steps.
+  4. ``"unclipped_spikes"`` (histories only): a recent step whose norm is finite, more than
+     ``spike_factor`` times the *running median* (the median of the finite norms of the
+     ``window`` entries before it, at least 3 of them) and more than ``spike_factor`` robust
+     standard deviations (1.4826 times their median absolute deviation) above it, and that no
+     clipax transformation in the metrics clipped or skipped. ``Verdict.spike_steps`` lists them.
+  5. ``"clipping_often"``: at least ``clip_rate_high`` of the recent steps were clipped or skipped.
      The threshold is then doing the work of the learning rate.
-  3. ``"never_clipping"``: after at least ``min_steps`` steps nothing was ever clipped or skipped
+  6. ``"never_clipping"``: after at least ``min_steps`` steps nothing was ever clipped or skipped
      (over the whole run, from the counters, whatever ``window``).
-  4. ``"healthy"`` otherwise: only occasional outliers are clipped.
+  7. ``"healthy"`` otherwise: only occasional outliers are clipped.
 
   "Recent" is the last ``window`` steps when a history is given (a list of per-step metric dicts,
   or a dict of per-step arrays, e.g. stacked by ``jax.lax.scan``), and the whole run when only
-  totals are given (one ``clipax.metrics(...)`` dict or an optax state).
+  totals are given (one ``clipax.metrics(...)`` dict or an optax state; ``spam`` logs only its
+  last step's spikes, so its rate is then that step's). The advice is written for the kind of
+  transformation read (``Verdict.kind``).
 
   Args:
-    metrics_or_state: the dict from :func:`clipax.metrics`, a list of them (one per step), a dict
-      of per-step arrays with the same keys, or any optax state containing clipax states.
-    window: how many recent steps the rates use when a history is given.
-    clip_rate_high: the clip-plus-skip rate at or above which the verdict is ``"clipping_often"``.
-    min_steps: steps needed before ``"never_clipping"`` is reported.
+    metrics_or_state: the dict from :func:`clipax.metrics`, a list of them (one per step, all with
+      the same keys), a dict of per-step arrays with the same keys and length, or any optax state
+      containing clipax states.
+    window: how many recent steps the rates, the non-finite check and the spike check use when a
+      history is given (integer in [1, 2**31 - 1]).
+    clip_rate_high: the clip-plus-skip rate in (0, 1] at or above which the verdict is
+      ``"clipping_often"``.
+    min_steps: steps needed before ``"never_clipping"`` or a threshold far above the norms is
+      reported (integer in [0, 2**31 - 1]).
+    spike_factor: how far (> 1) above the running median a norm must be to be a spike.
+    threshold_factor: how far (> 1) above the median norm a threshold must be to be poisoned.
     prefix: the prefix the metrics were written with (used when a state is passed).
 
   Returns:
     A :class:`Verdict`; ``str(verdict)`` reads as one line.
 
   Raises:
-    ValueError: if no clipax metrics or state are found, or for invalid ``window``,
-      ``clip_rate_high`` or ``min_steps``.
+    ValueError: if no clipax metrics or state are found, if a history's entries do not all have
+      the same keys (naming the key and the entry), if a metric is not a scalar, or for invalid
+      ``window``, ``clip_rate_high``, ``min_steps``, ``spike_factor`` or ``threshold_factor``.
+    TypeError: if a metric is not a number, or for a non-number argument.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -244,40 +499,96 @@ def diagnose(
     >>> verdict = clipax.diagnose(state)
     >>> print(verdict.status, f"{verdict.clip_rate:.2f}")
     clipping_often 1.00
+
+    A spike that a loose fixed threshold let through:
+
+    >>> history = [{"clip/norm": n, "clip/clipped": False, "clip/clipped_count": 0,
+    ...             "clip/nonfinite_count": 0, "clip/count": i + 1}
+    ...            for i, n in enumerate([1.0, 1.1, 0.9, 1.0, 50.0, 1.0])]
+    >>> verdict = clipax.diagnose(history)
+    >>> print(verdict.status, verdict.spike_steps)
+    unclipped_spikes (4,)
   """
   _checks.number("window", window, low=1, integer=True, allow_array=False)
   _checks.number("clip_rate_high", clip_rate_high, low=0.0, low_open=True, high=1.0,
                  high_open=False, allow_array=False)
   _checks.number("min_steps", min_steps, low=0, integer=True, allow_array=False)
+  _checks.number("spike_factor", spike_factor, low=1.0, low_open=True, allow_array=False)
+  _checks.number("threshold_factor", threshold_factor, low=1.0, low_open=True, allow_array=False)
+  if not isinstance(prefix, str):
+    raise TypeError(f"`prefix` must be a str, got {prefix!r} of type {type(prefix).__name__}")
   groups = _groups(_as_history(metrics_or_state, prefix))
   if not groups:
     raise ValueError("`metrics_or_state` has no clipax metrics with a `count` entry")
-  verdicts = [_verdict(s, g, window, clip_rate_high, min_steps) for s, g in groups.items()]
+  acted_any = np.zeros(next(iter(groups.values()))["count"].size, bool)
+  for g in groups.values():
+    acted_any |= _acted(g)
+  opts = {"window": int(window), "clip_rate_high": float(clip_rate_high),
+          "min_steps": int(min_steps), "spike_factor": float(spike_factor),
+          "threshold_factor": float(threshold_factor)}
+  verdicts = [_verdict(s, g, acted_any, opts) for s, g in groups.items()]
   return max(verdicts, key=lambda v: _SEVERITY[v.status])
 
 
+def _index(shape: tuple[int, ...], flat: int) -> str:
+  return str(flat) if len(shape) <= 1 else str(tuple(int(i) for i in np.unravel_index(flat, shape)))
+
+
+def _as_norms(norms: Any) -> np.ndarray:
+  """``norms`` as a float64 array, or a TypeError naming the first element that is no number."""
+  if norms is None or isinstance(norms, (str, bytes, Mapping)):
+    raise TypeError(f"`norms` must be a sequence or array of numbers, got {type(norms).__name__}")
+  try:
+    x = np.asarray(norms)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"`norms` must be a sequence or array of numbers: {e}") from e
+  out = _floats(x)
+  if out is not None and x.dtype.kind != "b":
+    return out
+  values = []
+  for i, v in enumerate(x.reshape(-1)):
+    a = _floats(v) if x.dtype.kind == "O" and not isinstance(v, (bool, np.bool_)) else None
+    if a is None or a.size != 1:
+      raise TypeError(f"`norms[{_index(x.shape, i)}]` must be a number, got {v!r} of type "
+                      f"{type(v).__name__}")
+    values.append(a.reshape(()))
+  return np.asarray(values, np.float64).reshape(x.shape)
+
+
 def suggest_max_norm(
-    norms: Any, *, percentile: float = 95.0, margin: float = 1.2, window: int | None = 1000
+    norms: Any,
+    *,
+    percentile: float = 95.0,
+    margin: float = 1.2,
+    window: int | None = 1000,
+    ignore_nonfinite: bool = False,
 ) -> float:
   """A clipping threshold just above the typical range of the pre-clip gradient norms.
 
-  The rule: ``margin * percentile(norms[-window:], percentile)``, ignoring NaN and Inf norms
-  (numpy's default linear interpolation). With the defaults, the 95th percentile of the last 1,000
-  norms times 1.2: ordinary steps pass untouched and only the outliers are clipped. Log the norms
-  with ``clipax.metrics(state)["clip/norm"]`` (or :func:`clipax.global_norm` of the gradients)
-  during a run without clipping, or with a loose threshold.
+  The rule: ``margin * percentile(norms[-window:], percentile)`` (numpy's default linear
+  interpolation). With the defaults, the 95th percentile of the last 1,000 norms times 1.2:
+  ordinary steps pass untouched and only the outliers are clipped. Log the norms with
+  ``clipax.metrics(state)["clip/norm"]`` (or :func:`clipax.global_norm` of the gradients) during a
+  run without clipping, or with a loose threshold. A non-finite step logs a NaN or Inf norm: pass
+  ``ignore_nonfinite=True`` to leave those out (after windowing).
 
   Args:
-    norms: a sequence or array of pre-clip gradient norms, oldest first.
+    norms: a non-empty sequence or array of pre-clip gradient norms (numbers >= 0), oldest first.
     percentile: in (0, 100].
     margin: a factor >= 1 above that percentile.
-    window: use only the most recent ``window`` norms (``None``: all of them).
+    window: use only the most recent ``window`` norms (``None``: all of them; else an integer in
+      [1, 2**31 - 1]).
+    ignore_nonfinite: leave NaN and ``+inf`` norms out instead of raising.
 
   Returns:
     The suggested ``max_norm`` as a python float.
 
   Raises:
-    ValueError: if there is no finite norm, or for invalid ``percentile``, ``margin``, ``window``.
+    TypeError: if ``norms`` is not a sequence or array of numbers (naming the first element that
+      is not), or for a non-number argument.
+    ValueError: if ``norms`` is empty, has a negative norm, has a NaN or Inf norm (unless
+      ``ignore_nonfinite``; naming its index and value), has no finite norm in the window, or for
+      invalid ``percentile``, ``margin``, ``window``.
 
   Examples:
     >>> import numpy as np
@@ -285,16 +596,33 @@ def suggest_max_norm(
     >>> norms = np.linspace(1.0, 2.0, 101)  # typical norms between 1 and 2
     >>> print(f"{clipax.suggest_max_norm(norms):.3f}")
     2.340
+    >>> print(f"{clipax.suggest_max_norm([1.0, float('nan'), 2.0], ignore_nonfinite=True):.2f}")
+    2.34
   """
   _checks.number("percentile", percentile, low=0.0, low_open=True, high=100.0, high_open=False,
                  allow_array=False)
   _checks.number("margin", margin, low=1.0, allow_array=False)
   if window is not None:
     _checks.number("window", window, low=1, integer=True, allow_array=False)
-  x = np.asarray(norms, np.float64).ravel()
-  if window is not None:
-    x = x[-window:]
-  x = x[np.isfinite(x)]
+  if not isinstance(ignore_nonfinite, (bool, np.bool_)):
+    raise TypeError(f"`ignore_nonfinite` must be a bool, got {ignore_nonfinite!r}")
+  x = _as_norms(norms)
   if x.size == 0:
+    raise ValueError("`norms` is empty: pass at least one pre-clip gradient norm")
+  flat = x.reshape(-1)
+  negative = np.flatnonzero(flat < 0)
+  if negative.size:
+    i = int(negative[0])
+    raise ValueError(f"`norms[{_index(x.shape, i)}]` must be >= 0 (a norm), got {flat[i]}")
+  nonfinite = np.flatnonzero(~np.isfinite(flat))
+  if nonfinite.size and not ignore_nonfinite:
+    i = int(nonfinite[0])
+    raise ValueError(f"`norms[{_index(x.shape, i)}]` is {flat[i]}: non-finite norms (steps that "
+                     "were zeroed or skipped) say nothing of the threshold; drop them or pass "
+                     "ignore_nonfinite=True")
+  if window is not None:
+    flat = flat[-int(window):]
+  flat = flat[np.isfinite(flat)]
+  if flat.size == 0:
     raise ValueError("`norms` has no finite value to suggest a threshold from")
-  return float(margin * np.percentile(x, percentile))
+  return float(margin * np.percentile(flat, percentile))

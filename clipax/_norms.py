@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType
 
+from clipax import _checks
+
 AxisName = str | tuple[str, ...] | None
 ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
+UnitRule = Literal["nfnets", "last_axis"]
 # None (no leaf), a bool, a pytree prefix of bools, or a predicate on the leaf's key path.
 Replicated = Any
 
@@ -709,9 +712,47 @@ def leaf_norms(
     return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axis_name, rep)))
 
 
-def default_unit_axes(x: jax.Array) -> tuple[int, ...]:
-  """All axes for rank <= 1, else every axis but the last (Flax's fan-in layout)."""
-  return tuple(range(x.ndim)) if x.ndim <= 1 else tuple(range(x.ndim - 1))
+def unit_axes(x: jax.Array, units: UnitRule = "nfnets", path: str = "<root>") -> tuple[int, ...]:
+  """The axes one leaf is reduced over to get its per-unit norms.
+
+  ``"nfnets"`` (optax's and the NFNets code's rule): a leaf that squeezes to a scalar or a vector
+  is one unit; rank 2 and 3 reduce axis 0 (``(in, out)`` and ``(in, heads, head_dim)`` kernels);
+  rank 4 axes 0-2 (``HWIO`` convolutions); rank 5 axes 0-3. ``"last_axis"``: every axis but the
+  last (a unit per output feature), rank <= 1 one unit.
+
+  Raises:
+    ValueError: under ``"nfnets"`` for a leaf of rank > 5 (pass ``axes`` or ``units="last_axis"``).
+  """
+  if units == "last_axis":
+    return tuple(range(x.ndim)) if x.ndim <= 1 else tuple(range(x.ndim - 1))
+  if sum(d != 1 for d in x.shape) <= 1:
+    return tuple(range(x.ndim))
+  by_rank = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
+  if x.ndim not in by_rank:
+    raise ValueError(
+        f"unitwise_norms: leaf {path} has shape {x.shape}; the 'nfnets' unit rule covers ranks "
+        "0-5: pass `axes` (a function from a leaf to its reduction axes) or units='last_axis'"
+    )
+  return by_rank[x.ndim]
+
+
+def _checked_axes(axes: Any, x: jax.Array, path: str) -> tuple[int, ...]:
+  """``axes`` as a tuple of distinct non-negative ints in range for ``x``, or a ValueError."""
+  seq = (axes,) if isinstance(axes, (int, np.integer)) else axes
+  try:
+    seq = tuple(seq)
+  except TypeError:
+    seq = (None,)
+  if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in seq):
+    raise TypeError(f"`axes` must give a sequence of ints for leaf {path}, got {axes!r}")
+  out = tuple(int(a) for a in seq)
+  for a in out:
+    if not -max(x.ndim, 1) <= a < max(x.ndim, 1) or (x.ndim == 0 and a not in (0, -1)):
+      raise ValueError(f"`axes` gave axis {a} for leaf {path} of shape {x.shape}: out of range")
+  canonical = tuple(a % x.ndim for a in out) if x.ndim else ()
+  if len(set(canonical)) != len(canonical):
+    raise ValueError(f"`axes` gave repeated axes {out} for leaf {path} of shape {x.shape}")
+  return canonical
 
 
 def _cpu_unit_sum(
@@ -765,19 +806,28 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   return _by_platform(with_cond, branch_free)
 
 
-def unitwise_norms(tree: Any, *, axes: ReductionAxes = None) -> Any:
+def unitwise_norms(tree: Any, *, axes: ReductionAxes = None, units: UnitRule = "nfnets") -> Any:
   """L2 norms per unit (output neuron), kept broadcastable against each leaf.
 
-  A unit is a slice along the last axis of a leaf: for a Flax ``Dense`` kernel of shape
-  ``(in, out)`` the norm is over ``in`` for each of the ``out`` units; for a convolution kernel
-  ``(h, w, in, out)`` over ``(h, w, in)``. Leaves of rank 0 and 1 are one unit.
+  By default (``units="nfnets"``, the rule of optax's ``unitwise_norm`` and of the NFNets code) a
+  leaf that squeezes to a scalar or a vector is one unit; a Flax ``Dense`` kernel ``(in, out)``
+  and a multi-head kernel ``(in, heads, head_dim)`` reduce axis 0; a convolution kernel
+  ``(h, w, in, out)`` reduces ``(h, w, in)``; rank 5 reduces its first four axes.
+  ``units="last_axis"`` (clipax 0.1's rule) reduces every axis but the last. See
+  :func:`unit_axes`.
 
   Args:
     tree: a pytree of floating arrays.
-    axes: ``None`` for the rule above, or a function from a leaf to the axes to reduce over.
+    axes: ``None`` for the ``units`` rule, or a function from a leaf to the axes to reduce over
+      (ints in ``[-ndim, ndim)``, no repeats).
+    units: ``"nfnets"`` (default) or ``"last_axis"``.
 
   Returns:
     A pytree of the same structure whose leaves have the leaf's rank (``keepdims``), float32.
+
+  Raises:
+    ValueError: for an unknown ``units``, axes out of range or repeated (naming the leaf path),
+      a leaf of rank > 5 under ``"nfnets"``, or an integer leaf.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -786,8 +836,13 @@ def unitwise_norms(tree: Any, *, axes: ReductionAxes = None) -> Any:
     >>> print(clipax.unitwise_norms({"w": w})["w"].tolist())
     [[5.0, 1.0]]
   """
-  choose = default_unit_axes if axes is None else axes
-  treedef = jax.tree_util.tree_structure(tree)
+  _checks.choice("units", units, get_args(UnitRule))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   leaves = float_leaves(tree, "unitwise_norms")
+  reduce = []
+  for (p, _), x in zip(flat, leaves, strict=True):
+    path = jax.tree_util.keystr(p) or "<root>"
+    chosen = unit_axes(x, units, path) if axes is None else axes(x)
+    reduce.append(_checked_axes(chosen, x, path))
   with jax.named_scope("clipax/unitwise_norms"):
-    return treedef.unflatten([_unitwise(x, tuple(choose(x))) for x in leaves])
+    return treedef.unflatten([_unitwise(x, a) for x, a in zip(leaves, reduce, strict=True)])

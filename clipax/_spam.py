@@ -15,7 +15,7 @@ import optax
 
 from clipax import _checks
 from clipax._norms import global_norm
-from clipax._state import _value
+from clipax._state import _value, add_count, stat_dtype
 
 _F32 = jnp.float32
 
@@ -27,17 +27,35 @@ _CLIP_DELAY = 20
 # The reference's cosine warm-up starts from 1 - 0.99 of the update after each reset.
 _WARMUP_FLOOR = 0.01
 
+# Length of the ring buffer of recent global norms whose median bounds the gradient while
+# spike clipping is off (clipax's addition, see :func:`spam`).
+_HISTORY = 20
+
 
 class SpamState(NamedTuple):
   """State of :func:`clipax.spam`.
 
   Attributes:
-    count: int32, number of Adam steps taken (saturates); skipped non-finite steps do not count.
-    mu: first moment, a pytree like the parameters (float32, or wider for float64 leaves).
+    count: int32, number of Adam steps taken (saturates); skipped steps do not count.
+    mu: first moment, a pytree like the parameters (float32, or wider for float64 leaves; a
+      zero-size parameter gets a 0-d placeholder, never a zero-size array).
     nu: second moment, same structure and dtypes as ``mu``.
     spikes: int32, number of gradient elements clipped as spikes on the last step.
-    norm: float32, global norm of the last gradient (before spike clipping).
-    nonfinite_count: int32, number of steps skipped because the gradient norm was NaN or Inf.
+    norm: global norm of the last gradient (before any bound or clipping), in
+      ``stat_dtype()``.
+    nonfinite_count: int32, steps skipped because the gradient was NaN/Inf or its (bounded)
+      square would overflow the moments (saturates).
+    spike_count: int32, total gradient elements clipped as spikes (saturates).
+    bounded_count: int32, steps whose global norm was bounded while spike clipping was off
+      (saturates).
+    invalid_count: int32, updates zeroed because a traced hyperparameter was NaN or out of its
+      range (saturates).
+    since_reset: int32, Adam steps since the last momentum reset, modulo ``reset_interval``:
+      the reset schedule's own position, which keeps turning after ``count`` saturates.
+    history: the last finite global norms (after the bound), a ring buffer of 20, in
+      ``stat_dtype()``.
+    cursor: int32, the next write position in ``history`` (modulo its length).
+    filled: int32, how many entries of ``history`` hold a norm (at most its length).
   """
 
   count: jax.Array
@@ -46,14 +64,25 @@ class SpamState(NamedTuple):
   spikes: jax.Array
   norm: jax.Array
   nonfinite_count: jax.Array
+  spike_count: jax.Array
+  bounded_count: jax.Array
+  invalid_count: jax.Array
+  since_reset: jax.Array
+  history: jax.Array
+  cursor: jax.Array
+  filled: jax.Array
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
+    nonfinite, invalid = _value(self.nonfinite_count), _value(self.invalid_count)
     return {
         "norm": _value(self.norm),
         "spikes": _value(self.spikes),
-        "nonfinite_count": _value(self.nonfinite_count),
+        "spike_count": _value(self.spike_count),
+        "bounded_count": _value(self.bounded_count),
+        "nonfinite_count": nonfinite,
+        "invalid_count": invalid,
         # updates seen, skipped ones included (``count`` itself is Adam's step, which skips)
-        "count": _value(self.count) + _value(self.nonfinite_count),
+        "count": add_count(add_count(_value(self.count), nonfinite), invalid),
     }
 
 
@@ -75,6 +104,14 @@ def _bias_correction(one_minus_b: jax.Array, t: jax.Array) -> jax.Array:
   return -jnp.expm1(t * jnp.log1p(-one_minus_b))
 
 
+def _ramp(since: jax.Array, after_reset: jax.Array, warmup_steps: Any) -> jax.Array:
+  """The cosine ramp at ``since`` steps after a reset (1 where there is none)."""
+  ramping = after_reset & (since < warmup_steps)
+  w = jnp.asarray(warmup_steps, _F32)
+  cosine = (1 + jnp.cos(math.pi * since.astype(_F32) / (w + 1))) / 2
+  return jnp.where(ramping, 1 - (1 - _WARMUP_FLOOR) * cosine, jnp.ones([], _F32))
+
+
 def warmup_scale(step: jax.Array, reset_interval: Any, warmup_steps: Any) -> jax.Array:
   """The factor on the update at 1-indexed ``step``: a cosine ramp after each momentum reset.
 
@@ -83,11 +120,60 @@ def warmup_scale(step: jax.Array, reset_interval: Any, warmup_steps: Any) -> jax
   ``W = warmup_steps``: ``1 - 0.99 * (1 + cos(pi * c / (W + 1))) / 2`` for ``c < W``, else 1.
   """
   step = jnp.asarray(step, jnp.int32)
-  since = step % reset_interval
-  ramping = (step >= reset_interval) & (since < warmup_steps)
-  w = jnp.asarray(warmup_steps, _F32)
-  cosine = (1 + jnp.cos(math.pi * since.astype(_F32) / (w + 1))) / 2
-  return jnp.where(ramping, 1 - (1 - _WARMUP_FLOOR) * cosine, jnp.ones([], _F32))
+  return _ramp(step % reset_interval, step >= reset_interval, warmup_steps)
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _dtype(leaf: Any) -> jnp.dtype:
+  dtype = getattr(leaf, "dtype", None)
+  return jnp.dtype(jnp.result_type(leaf) if dtype is None else dtype)
+
+
+def _check_real(tree: Any, what: str) -> None:
+  """Rejects complex (and other non-real-floating) leaves with a TypeError naming the leaf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = _dtype(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
+      raise TypeError(
+          f"spam: {what} leaf {_path(path)} has {kind} dtype {dtype}; spam supports real "
+          "floating leaves only"
+      )
+
+
+def _check_matches(updates: Any, state: SpamState) -> tuple[Any, list, list, list]:
+  """The updates' treedef and the flat gradients, first and second moments; a ValueError naming
+  both when the updates do not have the structure or shapes the state was built with."""
+  treedef = jax.tree_util.tree_structure(updates)
+  state_def = jax.tree_util.tree_structure(state.mu)
+  if treedef != state_def:
+    raise ValueError(
+        "spam: the gradients do not have the structure of the state built by init(params): "
+        f"gradients {treedef} vs state {state_def}"
+    )
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+  grads, mus, nus = (treedef.flatten_up_to(t) for t in (updates, state.mu, state.nu))
+  for path, g, m in zip(paths, grads, mus, strict=True):
+    shape = jnp.shape(g)
+    placeholder = math.prod(shape) == 0 and jnp.shape(m) == ()
+    if shape != jnp.shape(m) and not placeholder:
+      raise ValueError(
+          f"spam: gradient leaf {_path(path)} has shape {shape} but the state built by "
+          f"init(params) holds shape {jnp.shape(m)} there"
+      )
+  return treedef, grads, mus, nus
+
+
+def _median(history: jax.Array, filled: jax.Array) -> jax.Array:
+  """The median of the first ``filled`` entries (+inf when there are none)."""
+  valid = jnp.arange(history.shape[0]) < filled
+  s = jnp.sort(jnp.where(valid, history, jnp.inf))
+  lo = s[jnp.maximum(filled - 1, 0) // 2]
+  hi = s[filled // 2]
+  return jnp.where(filled > 0, lo + (hi - lo) / 2, jnp.inf)
 
 
 def spam(
@@ -95,7 +181,7 @@ def spam(
     *,
     b1: Any = 0.9,
     b2: Any = 0.999,
-    eps: Any = 1e-8,
+    eps: Any = 1e-6,
     theta: Any = 5000.0,
     reset_interval: Any = 500,
     warmup_steps: Any = 150,
@@ -121,27 +207,49 @@ def spam(
   reset (see :func:`warmup_scale`). Spike clipping is off for the first 20 steps after the start
   and after each reset, while :math:`v` is still near zero. Weight decay is decoupled and
   applied to the parameters after the Adam step, as the reference's ``p -= lr * wd * p`` does.
+  The reset schedule keeps its own position (``since_reset``), so resets go on after the step
+  count saturates at 2**31 - 1.
+
+  **Robust warm-up (a deliberate difference from the reference, which has no such bound).**
+  While spike clipping is off (the first 20 steps and the 20 after each reset) and
+  :math:`\theta > 0`, the gradient's global norm is bounded by
+  :math:`\sqrt{\theta}\cdot\operatorname{median}` of the last 20 finite global norms (each kept
+  after this bound, in a ring buffer that survives the resets): a larger gradient is scaled down
+  to that norm (counted in ``bounded_count``), so one spike cannot fill :math:`v` while nothing
+  clips it. Before any norm is known (empty buffer, or a median of 0) there is no bound.
+
+  **Skipped steps.** A gradient with a NaN or Inf element, or whose (bounded or clipped)
+  elements' squares would overflow the moment dtype, skips the step: zero update; moments,
+  step count, reset position and norm buffer unchanged; counted in ``nonfinite_count``. The
+  moments therefore always stay finite.
+
+  **Traced hyperparameters** (``optax.inject_hyperparams`` under ``jit``, or a schedule): a
+  NaN, Inf or out-of-range ``learning_rate``, ``b1``, ``b2``, ``eps``, ``theta``,
+  ``weight_decay``, ``reset_interval`` or ``warmup_steps`` zeroes the update, leaves the state
+  unchanged and is counted in ``invalid_count``.
 
   Args:
     learning_rate: :math:`\eta`, a number >= 0 or an ``optax`` schedule of the step count.
     b1: first-moment decay in [0, 1).
     b2: second-moment decay in [0, 1).
-    eps: added to :math:`\sqrt{v}` (>= 0).
-    theta: spike threshold :math:`\theta` > 0 on :math:`g^2 / v`; 0 turns clipping off.
-    reset_interval: steps between momentum resets (integer >= 1).
-    warmup_steps: length of the cosine ramp after each reset (integer >= 0).
+    eps: added to :math:`\sqrt{v}` (> 0; 1e-6 as in the reference code).
+    theta: spike threshold :math:`\theta` >= 0 on :math:`g^2 / v`; 0 turns spike clipping and
+      the warm-up bound off.
+    reset_interval: steps between momentum resets (integer in [1, 2**31 - 1]).
+    warmup_steps: length of the cosine ramp after each reset (integer in [0, 2**31 - 1]).
     weight_decay: decoupled weight decay :math:`\lambda` >= 0; needs ``params`` unless 0.
-
-  A gradient whose global norm is NaN or Inf skips the step: zero update, moments and step count
-  unchanged, counted in ``nonfinite_count`` (and in :func:`clipax.metrics`).
 
   Returns:
     An ``optax.GradientTransformation`` (an optimizer: its updates are added to the
-    parameters) whose state is a :class:`clipax.SpamState`.
+    parameters) whose state is a :class:`clipax.SpamState`; :func:`clipax.metrics` reports its
+    ``norm``, ``spikes``, ``spike_count``, ``bounded_count``, ``nonfinite_count``,
+    ``invalid_count`` and ``count`` (updates seen, skipped ones included).
 
   Raises:
-    ValueError: for an out-of-range python number or non-integer step count; at ``update`` when
-      ``weight_decay`` is not 0 and ``params`` is missing.
+    ValueError: for an out-of-range python number (or concrete array) or non-integer step
+      count; at ``update`` when ``weight_decay`` is not 0 and ``params`` is missing, or when the
+      gradients' structure or shapes differ from the state's.
+    TypeError: at ``init`` or ``update`` for a complex (or integer) leaf, naming its path.
 
   Examples:
     >>> import jax
@@ -154,6 +262,9 @@ def spam(
     >>> updates, state = jax.jit(tx.update)({"w": jnp.array([0.5, -3.0])}, state, params)
     >>> print([f"{u:.4f}" for u in updates["w"].tolist()])
     ['-0.1000', '0.1000']
+    >>> _, state = jax.jit(tx.update)({"w": jnp.array([1e30, 1.0])}, state, params)
+    >>> int(state.bounded_count), bool(jnp.isfinite(state.nu["w"]).all())
+    (1, True)
 
   References:
     Huang, Zhu, Jin, Liu, Wang, Liu, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
@@ -171,87 +282,131 @@ def spam(
   _checks.number("weight_decay", weight_decay, low=0.0)
 
   def init_fn(params):
-    def zeros(p):
-      p = jnp.asarray(p)
-      return jnp.zeros(p.shape, _moment_dtype(p.dtype))
+    _check_real(params, "parameter")
 
-    mu = jax.tree_util.tree_map(zeros, params)
-    nu = jax.tree_util.tree_map(zeros, params)
-    zero = jnp.zeros([], jnp.int32)
+    def zeros(p):
+      shape = jnp.shape(p)
+      dtype = _moment_dtype(_dtype(p))
+      return jnp.zeros(shape if math.prod(shape) else (), dtype)
+
+    zero, stat = jnp.zeros([], jnp.int32), stat_dtype()
     return SpamState(
-        count=zero, mu=mu, nu=nu, spikes=zero, norm=jnp.zeros([], _F32), nonfinite_count=zero
+        count=zero,
+        mu=jax.tree_util.tree_map(zeros, params),
+        nu=jax.tree_util.tree_map(zeros, params),
+        spikes=zero,
+        norm=jnp.zeros([], stat),
+        nonfinite_count=zero,
+        spike_count=zero,
+        bounded_count=zero,
+        invalid_count=zero,
+        since_reset=zero,
+        history=jnp.zeros([_HISTORY], stat),
+        cursor=zero,
+        filled=zero,
     )
 
   def update_fn(updates, state, params=None):
     no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
     if params is None and not no_decay:
       raise ValueError("spam with `weight_decay` needs `params`: update(grads, state, params)")
+    _check_real(updates, "gradient")
+    if params is not None:
+      _check_real(params, "parameter")
+    treedef, grads, mus, nus = _check_matches(updates, state)
     with jax.named_scope("clipax/spam"):
-      step = optax.safe_increment(state.count)
-      lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      lr = jnp.asarray(lr, _F32)
-      c1, c2 = _complement(b1), _complement(b2)
-      theta_ = jnp.asarray(theta, _F32)
-      since = step % reset_interval
-      reset = since == 0
-      clip_on = (step >= _CLIP_DELAY) & (since >= _CLIP_DELAY) & (theta_ > 0)
-      t = step.astype(_F32)
-      step_size = lr * jnp.sqrt(_bias_correction(c2, t)) / _bias_correction(c1, t)
-      step_size = step_size * warmup_scale(step, reset_interval, warmup_steps)
+      return _step(treedef, grads, mus, nus, state, params, no_decay)
 
-      def moments(g, m, v):
-        dt = m.dtype
-        g = g.astype(dt)
-        m = jnp.where(reset, jnp.zeros([], dt), m)
-        v = jnp.where(reset, jnp.zeros([], dt), v)
-        bound2 = theta_.astype(dt) * v
-        spike = clip_on & (g * g > bound2)
-        g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound2), g)
-        m = m + c1.astype(dt) * (g - m)
-        v = v + c2.astype(dt) * (g * g - v)
-        return m, v, jnp.sum(spike, dtype=jnp.int32)
+  def _step(treedef, grads, mus, nus, state, params, no_decay):
+    stat = stat_dtype()
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    invalid = _checks.any_of(
+        _checks.invalid(lr, low=0.0),
+        _checks.invalid(b1, low=0.0, high=1.0),
+        _checks.invalid(b2, low=0.0, high=1.0),
+        _checks.invalid(eps, low=0.0, low_open=True),
+        _checks.invalid(theta, low=0.0),
+        _checks.invalid(weight_decay, low=0.0),
+        _checks.invalid(reset_interval, low=1.0, high=_checks.INT_MAX, high_open=False),
+        _checks.invalid(warmup_steps, low=0.0, high=_checks.INT_MAX, high_open=False),
+    )
+    invalid = jnp.zeros([], jnp.bool_) if invalid is None else invalid
+    lr = jnp.asarray(lr, _F32)
+    c1, c2 = _complement(b1), _complement(b2)
+    theta_ = jnp.asarray(theta, stat)
+    interval = jnp.maximum(jnp.asarray(reset_interval, jnp.int32), 1)
 
-      treedef = jax.tree_util.tree_structure(updates)
-      grads = treedef.flatten_up_to(updates)
-      results = [
-          moments(g, m, v)
-          for g, m, v in zip(
-              grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), strict=True
-          )
-      ]
-      mu = treedef.unflatten([r[0] for r in results])
-      nu = treedef.unflatten([r[1] for r in results])
-      spikes = sum((r[2] for r in results), jnp.zeros([], jnp.int32))
+    step = optax.safe_increment(state.count)
+    since = optax.safe_increment(state.since_reset) % interval
+    reset = since == 0
+    clip_on = (step >= _CLIP_DELAY) & (since >= _CLIP_DELAY) & (theta_ > 0)
+    t = step.astype(_F32)
+    step_size = lr * jnp.sqrt(_bias_correction(c2, t)) / _bias_correction(c1, t)
+    step_size = step_size * _ramp(since, step >= interval, warmup_steps)
 
-      def direction(g, m, v):
-        dt = m.dtype
-        return -(step_size.astype(dt) * m / (jnp.sqrt(v) + jnp.asarray(eps, dt)))
+    # The robust bound while spike clipping is off: sqrt(theta) times the median recent norm.
+    norm = global_norm(treedef.unflatten(grads)).astype(stat)
+    median = _median(state.history, state.filled)
+    known = (median > 0) & (theta_ > 0)
+    bound = jnp.where(known, jnp.sqrt(theta_) * median, jnp.inf)
+    bounded = ~clip_on & (norm > bound)
+    scale = jnp.where(bounded, bound / norm, jnp.ones([], stat))
 
-      adam = jax.tree_util.tree_map(direction, updates, mu, nu)
-      if not no_decay:
-        wd = lr * jnp.asarray(weight_decay, _F32)
+    def moments(g, m, v):
+      dt = m.dtype
+      g = g.astype(dt) * scale.astype(dt)
+      m = jnp.where(reset, jnp.zeros([], dt), m)
+      v = jnp.where(reset, jnp.zeros([], dt), v)
+      bound2 = theta_.astype(dt) * v
+      spike = clip_on & (g * g > bound2)
+      g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound2), g)
+      g2 = g * g
+      overflow = ~jnp.all(jnp.isfinite(g2))
+      m = m + c1.astype(dt) * (g - m)
+      v = v + c2.astype(dt) * (g2 - v)
+      u = -(step_size.astype(dt) * m / (jnp.sqrt(v) + jnp.asarray(eps, dt)))
+      return m, v, u, jnp.sum(spike, dtype=jnp.int32), overflow
 
-        def decayed(u, p):
-          dt = u.dtype
-          return u - wd.astype(dt) * (jnp.asarray(p).astype(dt) + u)
+    leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
+    wd = None if no_decay else lr * jnp.asarray(weight_decay, _F32)
+    new_mu, new_nu, outs = [], [], []
+    spikes, overflow = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_)
+    for g, m, v, p in zip(grads, mus, nus, leaves, strict=True):
+      g = jnp.asarray(g)
+      if g.size == 0:  # nothing to update; the state holds a 0-d placeholder
+        new_mu.append(m)
+        new_nu.append(v)
+        outs.append(jnp.zeros(g.shape, g.dtype))
+        continue
+      m, v, u, s, o = moments(g, m, v)
+      if wd is not None:
+        u = u - wd.astype(u.dtype) * (jnp.asarray(p).astype(u.dtype) + u)
+      new_mu.append(m)
+      new_nu.append(v)
+      outs.append(u.astype(g.dtype))
+      spikes, overflow = spikes + s, overflow | o
 
-        adam = jax.tree_util.tree_map(decayed, adam, params)
-      norm = global_norm(updates).astype(_F32)
-      bad = ~jnp.isfinite(norm)
-
-      def cast(u, g):
-        u = u.astype(jnp.asarray(g).dtype)
-        return jnp.where(bad, jnp.zeros([], u.dtype), u)
-
-      out = jax.tree_util.tree_map(cast, adam, updates)
-      keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731
-      return out, SpamState(
-          count=keep(step, state.count),
-          mu=jax.tree_util.tree_map(keep, mu, state.mu),
-          nu=jax.tree_util.tree_map(keep, nu, state.nu),
-          spikes=jnp.where(bad, 0, spikes),
-          norm=norm,
-          nonfinite_count=state.nonfinite_count + bad.astype(jnp.int32),
-      )
+    skip = ~jnp.isfinite(norm) | overflow
+    bad = skip | invalid
+    keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731
+    taken = ~bad
+    out = [jnp.where(bad, jnp.zeros([], u.dtype), u) for u in outs]
+    spikes = jnp.where(taken, spikes, 0)
+    recorded = jnp.minimum(norm, bound)
+    return treedef.unflatten(out), SpamState(
+        count=keep(step, state.count),
+        mu=treedef.unflatten([keep(a, b) for a, b in zip(new_mu, mus, strict=True)]),
+        nu=treedef.unflatten([keep(a, b) for a, b in zip(new_nu, nus, strict=True)]),
+        spikes=spikes,
+        norm=norm,
+        nonfinite_count=add_count(state.nonfinite_count, skip & ~invalid),
+        spike_count=add_count(state.spike_count, spikes),
+        bounded_count=add_count(state.bounded_count, taken & bounded),
+        invalid_count=add_count(state.invalid_count, invalid),
+        since_reset=keep(since, state.since_reset),
+        history=keep(state.history.at[state.cursor].set(recorded), state.history),
+        cursor=keep((state.cursor + 1) % _HISTORY, state.cursor),
+        filled=keep(jnp.minimum(state.filled + 1, _HISTORY), state.filled),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

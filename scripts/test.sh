@@ -1,11 +1,37 @@
 #!/usr/bin/env bash
-# The test command of README.md, and exactly what CI runs (.ci/run): installs what the tests
-# need, lints, runs the suite and the doctests, then the multi-device tests in their own process
-# on 8 simulated CPU devices.
-set -euo pipefail
+# The test command of README.md, and exactly what CI runs (.ci/run): installs clipax[test] (into the
+# active virtual/conda environment, else into ./.venv, see scripts/_env.sh), lints, runs the suite
+# and the doctests (2 pytest-xdist workers), then the multi-device tests in their own pytest
+# process on 8 simulated CPU devices. Extra arguments go to both pytest runs
+# (e.g. `bash scripts/test.sh -x -k norm`). Runs every phase; exits non-zero if any failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-python -m ruff check .
-python -m pytest -n 2 --doctest-modules clipax tests --ignore=tests/distributed "$@"
+source scripts/_env.sh
+clipax_install test || exit
+failed=()
+
+clipax_step "lint: ruff check ."
+"$PY" -m ruff check . || failed+=(lint)
+
+# pytest exits 5 when it collects nothing, which a -k filter can do to one of the two runs.
+pytest_run() {
+  "$PY" -m pytest "$@"
+  local status=$?
+  if (( status == 5 && ${#extra[@]} > 0 )); then status=0; fi
+  return "$status"
+}
+extra=("$@")
+
+clipax_step "tests and doctests (2 workers)"
+pytest_run -n 2 --durations=5 --doctest-modules clipax tests --ignore=tests/distributed "$@" ||
+  failed+=(tests)
+
+clipax_step "multi-device tests (8 simulated CPU devices, own process)"
 XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=10" \
-  python -m pytest tests/distributed "$@"
+  pytest_run tests/distributed "$@" || failed+=(multi-device)
+
+if (( ${#failed[@]} )); then
+  clipax_step "FAILED: ${failed[*]}"
+  exit 1
+fi
+clipax_step "all passed"

@@ -176,7 +176,8 @@ def step_norms(tree):
 def test_zclip_matches_reference(mode, max_norm):
   norms = norm_stream(320, seed=1)
   grads = grads_for(norms, seed=1)
-  tx = clipax.zclip(warmup_steps=25, max_norm=max_norm, mode=mode)
+  # warmup_stats="mean" is the reference's warm-up (mean and variance of the warm-up norms)
+  tx = clipax.zclip(warmup_steps=25, max_norm=max_norm, mode=mode, warmup_stats="mean")
   _, (out, states) = run_scan(tx, grads)
   ref = ZClipRef(max_norm=max_norm, mode=mode)
   inputs = step_norms(grads)
@@ -248,10 +249,10 @@ def test_adagc_matches_reference():
 
 
 # ----------------------------------------------------------------------------- warm-up
-def test_zclip_warmup_uses_max_norm_then_mean_and_variance_of_finite_norms():
+def test_zclip_mean_warmup_uses_max_norm_then_mean_and_variance_of_finite_norms():
   values = np.array([1.0, 3.0, np.nan, 2.0, 50.0, 2.5, 100.0])
   grads = {"w": jnp.asarray(values[:, None], jnp.float32)}
-  tx = clipax.zclip(warmup_steps=5, max_norm=None)
+  tx = clipax.zclip(warmup_steps=5, max_norm=None, warmup_stats="mean")
   _, (out, states) = run_scan(tx, grads)
   # The first five *finite* norms are warm-up: nothing clipped without a cap, even 50.
   np.testing.assert_array_equal(np.asarray(out["w"][[0, 1, 3, 4, 5], 0]), values[[0, 1, 3, 4, 5]])
@@ -261,6 +262,36 @@ def test_zclip_warmup_uses_max_norm_then_mean_and_variance_of_finite_norms():
   np.testing.assert_allclose(as64(states.var[5]), finite.var(), rtol=RTOL)
   assert np.isinf(as64(states.threshold[5]))
   assert bool(states.clipped[6])  # the first adaptive step clips the spike
+
+
+def test_zclip_robust_warmup_is_median_and_mad_of_finite_norms():
+  values = np.array([1.0, 3.0, np.nan, 2.0, 50.0, 2.5, 100.0])
+  grads = {"w": jnp.asarray(values[:, None], jnp.float32)}
+  _, (out, states) = run_scan(clipax.zclip(warmup_steps=5, max_norm=None), grads)
+  finite = values[[0, 1, 3, 4, 5]]
+  np.testing.assert_array_equal(np.asarray(out["w"][[0, 1, 3, 4, 5], 0]), finite)
+  center = np.median(finite)
+  np.testing.assert_allclose(as64(states.mu[5]), center, rtol=RTOL)
+  np.testing.assert_allclose(as64(states.var[5]),
+                             (1.4826 * np.median(np.abs(finite - center))) ** 2, rtol=RTOL)
+  # the partial warm-up statistics are the same rule over the norms so far
+  np.testing.assert_allclose(as64(states.mu[1]), 2.0, rtol=RTOL)
+  assert bool(states.clipped[6])
+
+
+def test_zclip_one_bad_warmup_step_does_not_poison_the_statistics():
+  # issue 12's case: [1, 1e30, 1.1, 0.9, 1] + [1] * 20 + [50] with warmup_steps=5, no cap
+  values = np.array([1, 1e30, 1.1, 0.9, 1] + [1] * 20 + [50], np.float64)
+  grads = {"w": jnp.asarray(values[:, None], jnp.float32)}
+  _, (out, states) = run_scan(clipax.zclip(warmup_steps=5, max_norm=None), grads)
+  assert np.all(np.isfinite(as64(states.mu))) and np.all(np.isfinite(as64(states.var)))
+  assert np.all(np.isfinite(as64(states.threshold[5:])))
+  assert abs(float(states.mu[-1]) - 1.0) < 0.05
+  assert bool(states.clipped[-1]) and float(out["w"][-1, 0]) < 2.0
+  # the reference's mean/variance warm-up is poisoned by the same stream: the spike passes
+  _, (out_mean, states_mean) = run_scan(
+      clipax.zclip(warmup_steps=5, max_norm=None, warmup_stats="mean"), grads)
+  assert float(states_mean.mu[5]) > 1e28 and float(out_mean["w"][-1, 0]) == 50.0
 
 
 def test_zclip_warmup_clips_at_max_norm():
@@ -280,10 +311,11 @@ def test_adagc_warmup_is_global_and_keeps_direction():
 
 
 def test_warming_up_rule_counts_finite_norms_only():
-  fields = [jnp.asarray(v) for v in (5, 0.0, 1.0, False, 0, 2)]
-  state = clipax.ZClipState(*fields, *[jnp.zeros([])] * 3)
-  assert bool(warming_up(state, 4))  # 5 steps, 2 non-finite: 3 finite norms seen
-  assert not bool(warming_up(state, 3))
+  tx = clipax.zclip(warmup_steps=3, max_norm=None)
+  _, (_, states) = run_scan(tx, {"w": jnp.asarray([[1.0], [np.nan], [2.0], [np.inf], [1.5]])})
+  np.testing.assert_array_equal(np.asarray(states.observed), [1, 1, 2, 2, 3])
+  assert bool(warming_up(jax.tree_util.tree_map(lambda x: x[3], states), 3))
+  assert not bool(warming_up(jax.tree_util.tree_map(lambda x: x[4], states), 3))
 
 
 # ----------------------------------------------------------------------------- non-finite
@@ -381,8 +413,9 @@ def test_inject_hyperparams_matches_plain_and_can_be_changed():
   grads = grads_for(norms, seed=8)
   params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
   cases = [
-      (clipax.zclip, dict(alpha=0.9, z_threshold=2.0, warmup_steps=5, max_norm=1.0), {}),
-      # run_scan traces init too, so the size must be static there
+      # run_scan traces init too: warmup_steps and history set array sizes and must be static
+      (clipax.zclip, dict(alpha=0.9, z_threshold=2.0, warmup_steps=5, max_norm=1.0),
+       {"static_args": ("warmup_steps",)}),
       (clipax.autoclip, dict(percentile=20.0, history=8), {"static_args": ("history",)}),
       (clipax.adagc, dict(ratio=1.1, beta=0.95, warmup_steps=5, warmup_max_norm=1.0), {}),
   ]
@@ -473,11 +506,13 @@ def test_axis_name_makes_statistics_global_under_vmap():
         (clipax.adagc, {"beta": 1.0}, "beta"),
         (clipax.adagc, {"warmup_steps": 0}, "warmup_steps"),
         (clipax.adagc, {"warmup_max_norm": -0.5}, "warmup_max_norm"),
-        (clipax.adagc, {"max_norm": math.inf}, "max_norm"),
+        (clipax.adagc, {"max_norm": -math.inf}, "max_norm"),
+        (clipax.zclip, {"warmup_steps": 2**31}, "warmup_steps"),
+        (clipax.autoclip, {"history": 2**31}, "history"),
     ],
 )
 def test_construction_rejects_bad_hyperparameters(factory, kwargs, name):
-  with pytest.raises(ValueError, match=f"`{name}`"):
+  with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
     factory(**kwargs)
 
 

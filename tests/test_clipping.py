@@ -250,26 +250,84 @@ def test_clip_by_block_rms_matches_float64_and_optax(dtype):
 # --- AGC ---------------------------------------------------------------------------------------
 
 
-def _agc64(g, p, lam, eps):
+def _unit_axes64(shape, units):
+  """The unit rules written out: optax/NFNets (squeezes to a vector: one unit; rank 2, 3: axis
+  0; rank 4: 0-2; rank 5: 0-3) and clipax 0.1's last-axis rule."""
+  if units == "last_axis":
+    return tuple(range(len(shape))) if len(shape) <= 1 else tuple(range(len(shape) - 1))
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(len(shape)))
+  return {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}[len(shape)]
+
+
+def _agc64(g, p, lam, eps, units="nfnets"):
   g, p = as64(g), as64(p)
-  axes = tuple(range(g.ndim)) if g.ndim <= 1 else tuple(range(g.ndim - 1))
+  axes = _unit_axes64(g.shape, units)
   gn = np.sqrt(np.sum(g * g, axis=axes, keepdims=True))
   pn = np.maximum(np.sqrt(np.sum(p * p, axis=axes, keepdims=True)), eps)
   limit = lam * pn
   return np.where(gn > limit, g * limit / np.where(gn > 0, gn, 1), g)
 
 
-@pytest.mark.parametrize("shape", [(), (5,), (4, 3), (3, 4, 5), (2, 3, 4, 5), (2, 2, 3, 4, 3)])
+@pytest.mark.parametrize(
+    "shape", [(), (5,), (4, 3), (3, 4, 5), (2, 3, 4, 5), (2, 2, 3, 4, 3), (1, 6), (4, 1, 1)]
+)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_agc_matches_float64_for_ranks_0_to_5(shape, dtype):
+@pytest.mark.parametrize("units", ["nfnets", "last_axis"])
+def test_agc_matches_float64_for_ranks_0_to_5(shape, dtype, units):
   rng = np.random.default_rng(len(shape))
   params = {"w": jnp.asarray(rng.normal(size=shape), dtype)}
   grads = {"w": jnp.asarray(rng.normal(size=shape) * 3, dtype)}
-  out, state = _run(clipax.adaptive_grad_clip(0.1), grads, params)
+  out, state = _run(clipax.adaptive_grad_clip(0.1, units=units), grads, params)
   assert out["w"].dtype == dtype and out["w"].shape == shape
-  np.testing.assert_allclose(as64(out["w"]), _agc64(grads["w"], params["w"], 0.1, 1e-3),
+  np.testing.assert_allclose(as64(out["w"]), _agc64(grads["w"], params["w"], 0.1, 1e-3, units),
                              rtol=rtol(dtype), atol=1e-6)
   assert bool(state.clipped)
+
+
+def test_agc_default_units_follow_optax_for_multihead_and_squeezable_kernels():
+  rng = np.random.default_rng(3)
+  params = {"qkv": jnp.asarray(rng.normal(size=(6, 2, 4)), jnp.float32),   # (in, heads, dim)
+            "row": jnp.asarray(rng.normal(size=(1, 5)), jnp.float32),      # squeezes to a vector
+            "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)}
+  grads = jax.tree_util.tree_map(lambda x: x * 0.9 + 0.2, params)
+  ours, _ = _run(clipax.adaptive_grad_clip(0.05), grads, params)
+  theirs, _ = optax.adaptive_grad_clip(0.05).update(grads, optax.EmptyState(), params)
+  for key in params:
+    np.testing.assert_allclose(np.asarray(ours[key]), np.asarray(theirs[key]), rtol=1e-5,
+                               atol=1e-7, err_msg=key)
+  old, _ = _run(clipax.adaptive_grad_clip(0.05, units="last_axis"), grads, params)
+  assert not np.allclose(np.asarray(old["qkv"]), np.asarray(theirs["qkv"]))
+
+
+def test_agc_pairs_params_by_structure_not_by_order():
+  tx = clipax.adaptive_grad_clip(0.1)
+  params = {"b": jnp.ones(3), "w": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="structure"):
+    tx.update([jnp.ones((2, 3)), jnp.ones(3)], tx.init(params), params)
+  with pytest.raises(ValueError, match=r"\['w'\].*\(3, 2\)"):
+    tx.update({"b": jnp.ones(3), "w": jnp.ones((3, 2))}, tx.init(params), params)
+
+
+@pytest.mark.parametrize("axes,match", [(lambda x: (2,), "out of range"),
+                                        (lambda x: (-3,), "out of range"),
+                                        (lambda x: (0, -2), "repeated"),
+                                        (lambda x: ("a",), "ints")])
+def test_agc_axes_out_of_range_is_a_clear_error(axes, match):
+  params = {"w": jnp.ones((3, 4))}
+  tx = clipax.adaptive_grad_clip(0.1, axes=axes)
+  with pytest.raises((ValueError, TypeError), match=match):
+    tx.update(params, tx.init(params), params)
+
+
+def test_agc_rank_6_needs_explicit_units():
+  params = {"w": jnp.ones((2, 2, 2, 2, 2, 2))}
+  tx = clipax.adaptive_grad_clip(0.1)
+  with pytest.raises(ValueError, match=r"\['w'\].*axes"):
+    tx.update(params, tx.init(params), params)
+  tx = clipax.adaptive_grad_clip(0.1, units="last_axis")
+  out, _ = tx.update(params, tx.init(params), params)
+  assert out["w"].shape == (2,) * 6
 
 
 def test_agc_matches_optax():
@@ -312,10 +370,26 @@ def test_agc_needs_params():
         (lambda v: clipax.adaptive_grad_clip(0.1, eps=v), "eps"),
     ],
 )
-@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, "1.0", None, True, [1.0]])
+@pytest.mark.parametrize("value", [-1.0, math.nan, "1.0", None, True, [1.0], 2**40 * -1])
 def test_bad_hyperparameters_raise_at_construction(make, arg, value):
-  with pytest.raises(ValueError, match=rf"`{arg}`.*{value!r}"[:40].replace("[", r"\[")):
+  pattern = rf"`{arg}`.*{value!r}"[:40].replace("[", r"\[")
+  with pytest.raises((ValueError, TypeError), match=pattern):
     make(value)
+  # the same value arriving as a concrete array (optax.inject_hyperparams' init) is checked too
+  if isinstance(value, float):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+      make(jnp.asarray(value))
+
+
+def test_inf_threshold_means_off_and_inf_eps_is_rejected():
+  grads = {"w": jnp.array([3.0, -4.0])}
+  for tx in [clipax.clip_by_global_norm(math.inf), clipax.clip_by_value(math.inf),
+             clipax.clip_by_leaf_norm(jnp.inf), clipax.clip_by_block_rms(math.inf)]:
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_array_equal(np.asarray(out["w"]), [3.0, -4.0])
+    assert not bool(state.clipped) and int(state.invalid_count) == 0
+  with pytest.raises(ValueError, match="`eps`"):
+    clipax.adaptive_grad_clip(0.1, eps=math.inf)
 
 
 @pytest.mark.parametrize("make", [clipax.clip_by_global_norm, clipax.clip_by_value,

@@ -180,6 +180,19 @@ def _unit_ref(x, axes):
 @pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
 def test_unitwise_norms_reduce_all_but_the_last_axis(shape, axes, scale, path):
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape) * scale, jnp.float32)
+  got = jax.jit(lambda t: clipax.unitwise_norms(t, units="last_axis"))({"x": x})["x"]
+  assert got.shape == (tuple(1 if i in axes else d for i, d in enumerate(shape)) if shape else ())
+  assert_close(got, _unit_ref(x, axes))
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((), ()), ((5,), (0,)), ((1, 5), (0, 1)), ((4, 1), (0, 1)), ((4, 3), (0,)),
+     ((3, 4, 5), (0,)), ((2, 3, 4, 5), (0, 1, 2)), ((2, 2, 3, 4, 5), (0, 1, 2, 3))],
+)
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_unitwise_norms_default_is_the_nfnets_rule(shape, axes, scale, path):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape) * scale, jnp.float32)
   got = jax.jit(clipax.unitwise_norms)({"x": x})["x"]
   assert got.shape == (tuple(1 if i in axes else d for i, d in enumerate(shape)) if shape else ())
   assert_close(got, _unit_ref(x, axes))

@@ -21,14 +21,17 @@ RTOL = 1e-5
 class SpamRef:
   """The reference optimizer's step for one parameter array, in float64 (no GaLore masks)."""
 
-  def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, theta=5000.0, gap=500, warmup=150, wd=0.0,
-               delay=20):
+  def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-6, theta=5000.0, gap=500, warmup=150, wd=0.0,
+               delay=20, robust=True):
     self.lr = lr if callable(lr) else (lambda _: lr)
     self.b1, self.b2, self.eps, self.theta = b1, b2, eps, theta
     self.gap, self.warmup, self.wd, self.delay = gap, warmup, wd, delay
     self.total_step, self.current_step, self.step_ = 0, warmup + 1, 0
     self.m = self.v = None
     self.clipped = 0
+    # clipax's deliberate addition (not in the reference): while spike clipping is off, the
+    # global norm is bounded by sqrt(theta) * median of the last 20 norms (kept post-bound).
+    self.robust, self.history, self.bounded = robust, [], 0
 
   def death_rate(self, c):
     """``CosineDecay(0.99, warmup).get_dr(c)``: torch's closed-form cosine annealing."""
@@ -44,12 +47,19 @@ class SpamRef:
       self.m, self.v = np.zeros_like(grad), np.zeros_like(grad)
     self.step_ += 1
     self.clipped = 0
-    if self.theta != 0:
-      k = self.total_step + 1
-      if k >= self.delay and k % self.gap >= self.delay:
-        mask = grad**2 > self.theta * self.v
-        grad[mask] = np.sign(grad[mask]) * np.sqrt(self.v[mask] * self.theta)
-        self.clipped = int(mask.sum())
+    k = self.total_step + 1
+    clip_on = self.theta != 0 and k >= self.delay and k % self.gap >= self.delay
+    norm = float(np.sqrt(np.sum(grad * grad)))
+    median = float(np.median(self.history)) if self.history else 0.0
+    bound = math.sqrt(self.theta) * median if self.theta != 0 and median > 0 else math.inf
+    if self.robust and not clip_on and norm > bound:
+      grad = grad * (bound / norm)
+      self.bounded += 1
+    self.history = (self.history + [min(norm, bound)])[-20:]
+    if clip_on:
+      mask = grad**2 > self.theta * self.v
+      grad[mask] = np.sign(grad[mask]) * np.sqrt(self.v[mask] * self.theta)
+      self.clipped = int(mask.sum())
     self.m = self.b1 * self.m + (1 - self.b1) * grad
     self.v = self.b2 * self.v + (1 - self.b2) * grad * grad
     denom = np.sqrt(self.v) + self.eps
@@ -123,6 +133,7 @@ def test_spam_matches_reference(kwargs):
     total_clipped += ref.clipped
   if kwargs["theta"] == 50.0:
     assert total_clipped > 10  # the stream does exercise the spike clipping
+    assert ref.bounded > 0  # ... and the warm-up bound (clipax's addition to the reference)
   if kwargs["theta"] == 0.0:
     assert total_clipped == 0
 
@@ -228,24 +239,56 @@ def test_weight_decay_needs_params():
   assert u["w"].shape == (2,)
 
 
-@pytest.mark.parametrize(
-    "kwargs,name",
-    [
-        ({"learning_rate": -0.1}, "learning_rate"),
-        ({"b1": 1.0}, "b1"),
-        ({"b2": -0.1}, "b2"),
-        ({"eps": -1e-8}, "eps"),
-        ({"theta": -1.0}, "theta"),
-        ({"reset_interval": 0}, "reset_interval"),
-        ({"reset_interval": 10.5}, "reset_interval"),
-        ({"warmup_steps": -1}, "warmup_steps"),
-        ({"weight_decay": float("nan")}, "weight_decay"),
-    ],
-)
+BAD_HYPERPARAMETERS = [
+    ({"learning_rate": -0.1}, "learning_rate"),
+    ({"b1": 1.0}, "b1"),
+    ({"b2": -0.1}, "b2"),
+    ({"eps": -1e-8}, "eps"),
+    ({"eps": 0.0}, "eps"),
+    ({"theta": -1.0}, "theta"),
+    ({"reset_interval": 0}, "reset_interval"),
+    ({"reset_interval": 2**31}, "reset_interval"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"warmup_steps": 2**31}, "warmup_steps"),
+    ({"weight_decay": float("nan")}, "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_HYPERPARAMETERS)
 def test_construction_rejects_bad_hyperparameters(kwargs, name):
   kwargs = {"learning_rate": 0.1, **kwargs}
   with pytest.raises(ValueError, match=f"`{name}`"):
     clipax.spam(**kwargs)
+
+
+def test_construction_rejects_a_non_integer_step_count():
+  with pytest.raises(TypeError, match="`reset_interval`"):
+    clipax.spam(0.1, reset_interval=10.5)
+
+
+# (2**31 does not fit the int32 array inject_hyperparams makes of it: optax fails first.)
+FITS_INT32 = [c for c in BAD_HYPERPARAMETERS if 2**31 not in c[0].values()]
+
+
+@pytest.mark.parametrize("kwargs,name", FITS_INT32)
+def test_inject_hyperparams_init_rejects_bad_numbers(kwargs, name):
+  """inject_hyperparams turns the numbers into concrete arrays in init: checked all the same."""
+  kwargs = {"learning_rate": 0.1, **kwargs}
+  tx = optax.inject_hyperparams(clipax.spam, hyperparam_dtype=jnp.float32)(**kwargs)
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    tx.init({"w": jnp.zeros(2)})
+
+
+def test_default_eps_is_the_reference_codes():
+  """eps = 1e-6 as in galore_torch/SPAM.py: visible on a gradient of the size of eps."""
+  g = np.full((3,), 1e-5)
+  params = {"w": jnp.zeros(3)}
+  tx = clipax.spam(1.0)
+  out, _ = tx.update({"w": jnp.asarray(g, jnp.float32)}, tx.init(params), params)
+  want = SpamRef(1.0).update(g.astype(np.float32), np.zeros(3))
+  np.testing.assert_allclose(as64(out["w"]), want, rtol=RTOL)
+  s = math.sqrt(1e-3) * 1e-5  # sqrt(v) after one step, bias-corrected below
+  np.testing.assert_allclose(want, -s / (s + 1e-6), rtol=1e-6)  # about 0.24, 0.97 with 1e-8
 
 
 def test_nonfinite_gradient_skips_the_step_and_is_counted():

@@ -24,9 +24,10 @@ def _step(tx, state, grads, params=PARAMS):
 def test_clip_state_fields_and_dtypes():
   state = clipax.clip_by_global_norm(1.0).init(PARAMS)
   assert isinstance(state, clipax.ClipState)
-  assert state._fields == ("count", "norm", "scale", "clipped", "clipped_count", "nonfinite_count")
+  assert state._fields == ("count", "norm", "scale", "clipped", "clipped_count", "nonfinite_count",
+                           "invalid_count")
   dtypes = [x.dtype for x in state]
-  assert dtypes == [jnp.int32, jnp.float32, jnp.float32, jnp.bool_, jnp.int32, jnp.int32]
+  assert dtypes == [jnp.int32, jnp.float32, jnp.float32, jnp.bool_, jnp.int32, jnp.int32, jnp.int32]
   assert all(x.shape == () for x in state)
 
 
@@ -37,7 +38,8 @@ def test_metrics_values_and_clip_rate():
     _, state = _step(tx, state, _grads(scale))
   m = clipax.metrics(state)
   assert set(m) == {"clip/norm", "clip/scale", "clip/clipped", "clip/clip_rate",
-                    "clip/clipped_count", "clip/nonfinite_count", "clip/count"}
+                    "clip/clipped_count", "clip/nonfinite_count", "clip/invalid_count",
+                    "clip/count"}
   np.testing.assert_allclose(float(m["clip/norm"]), norm64(_grads(0.1)), rtol=1e-6)
   assert float(m["clip/clip_rate"]) == 0.5 and int(m["clip/clipped_count"]) == 2
   assert int(m["clip/count"]) == 4 and not bool(m["clip/clipped"])
