@@ -21,6 +21,7 @@ is identical on every device of a ``shard_map``/``pmap``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
@@ -208,6 +209,12 @@ def _invalid_cap(max_norm: Any) -> jax.Array | None:
 # hyperparameter valid.
 
 
+def _root_max(dt: jnp.dtype) -> jax.Array:
+  """Half the square root of the largest finite value: its square (and any convex combination of
+  such squares) is finite."""
+  return jnp.asarray(math.sqrt(float(jnp.finfo(dt).max)) / 2, dt)
+
+
 def _zclip_policy(
     state: ZClipState, norm: jax.Array, *, alpha, z_threshold, warmup_steps, mode, warmup_stats
 ):
@@ -225,7 +232,7 @@ def _zclip_policy(
     mu_w, sigma_w = robust_stats(buffer, jnp.minimum(state.observed + 1, size))
     # bounded, so a 1e30 norm among the first few keeps the variance finite until the median
     # and MAD of the full warm-up leave it behind
-    var_w = jnp.square(jnp.minimum(sigma_w, jnp.sqrt(jnp.finfo(dt).max)))
+    var_w = jnp.square(jnp.minimum(sigma_w, _root_max(dt)))
   else:
     n = (state.observed + 1).astype(dt)
     delta = norm - state.mu
@@ -244,7 +251,10 @@ def _zclip_policy(
     clip_value = state.mu + z_thr * std
   effective = jnp.where(spike, clip_value, norm)  # the EMAs see the clipped norm
   mu_e = alpha * state.mu + (1 - alpha) * effective
-  var_e = alpha * state.var + (1 - alpha) * jnp.square(effective - mu_e)
+  # bounded like var_w: after a 1e30 warm-up median the deviations of normal norms from it are
+  # ~1e30, whose square overflows float32
+  var_e = alpha * state.var + (1 - alpha) * jnp.square(
+      jnp.minimum(jnp.abs(effective - mu_e), _root_max(dt)))
 
   inf = jnp.asarray(jnp.inf, dt)
   limit = jnp.where(warm | ~spike, inf, clip_value)
@@ -394,7 +404,7 @@ def zclip(
     >>> for n in [1.0, 1.2, 0.8, 1.0, 1.1, 10.0]:
     ...   out, state = update({"w": jnp.array([n])}, state)
     >>> print(f"{state.norm:.2f} -> {out['w'][0]:.3f}, threshold {state.threshold:.3f}")
-    10.00 -> 1.017, threshold 1.354
+    10.00 -> 1.018, threshold 1.370
 
   References:
     Kumar, Owen, Ashraf, Sterbenz, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",

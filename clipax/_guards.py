@@ -85,9 +85,9 @@ class SkipState(NamedTuple):
     threshold: the band in force at the last step, ``median + k * 1.4826 * MAD`` of the
       history (a norm above it is a spike); ``inf`` while spikes are not detected (warm-up);
       left as it was on an invalid step. In ``_state.stat_dtype()``.
-    history: ``[window]`` ring buffer of the last accepted finite norms, in
-      ``_state.stat_dtype()``.
-    cursor: int32, the slot the next accepted norm is written to (modulo ``window``).
+    history: ``[window]`` ring buffer of the last recorded finite norms (accepted norms as
+      they were, spikes bounded to the band they broke), in ``_state.stat_dtype()``.
+    cursor: int32, the slot the next norm is written to (modulo ``window``).
     accepted: int32, number of norms written to ``history`` (saturates); the number of filled
       slots is ``min(accepted, window)``.
     inner_state: the wrapped optimizer's state. Under ``shard_map``/``pmap`` every field above
@@ -307,10 +307,10 @@ def skip_spikes(
     max_consecutive: int | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Skips steps whose gradient norm is a spike against the recent accepted norms.
+  r"""Skips steps whose gradient norm is a spike against the recent norms.
 
   With :math:`\operatorname{med}_t` and :math:`\operatorname{MAD}_t` the median and the median
-  absolute deviation of the last ``window`` accepted norms (the current step excluded),
+  absolute deviation of the last ``window`` recorded norms (the current step excluded),
 
   .. math::
     \text{skip}_t = \|g_t\| > \operatorname{med}_t + k \cdot 1.4826\,\operatorname{MAD}_t
@@ -323,8 +323,12 @@ def skip_spikes(
   (16 by default); until then every finite norm is accepted into the history. The band is
   built from the median and the MAD, never the mean and standard deviation, so one huge norm
   that got in during warm-up (or a few, fewer than half the history) moves the band by at most
-  one rank: it cannot widen it and let the next spikes through. After warm-up only accepted
-  norms enter the history, NaN/Inf norms never do. The history is a ring buffer with its own
+  one rank: it cannot widen it and let the next spikes through. After warm-up a spike enters
+  the history bounded to the band it broke (the shared rule: a statistic absorbs the clipped
+  value), so an isolated spike moves the band by at most one rank, while a lasting rise of the
+  norm level (a new data mix, the end of a learning-rate warm-up) is followed after about
+  ``window / 2`` skipped steps instead of stopping training for good. NaN/Inf norms never enter
+  the history. The history is a ring buffer with its own
   write position (``cursor``), so it keeps rotating after the counters saturate at 2**31 - 1.
   The non-finite rule is that of :func:`skip_nonfinite`.
 
@@ -336,7 +340,7 @@ def skip_spikes(
 
   Args:
     inner: any optax transformation (extra arguments are passed on).
-    window: number of accepted norms the statistics are taken over (integer in
+    window: number of recorded norms the statistics are taken over (integer in
       ``[2, 2**31 - 1]``; it sets an array shape, so it must be concrete at ``init``).
     threshold: ``k`` > 0 (finite), in standard deviations (1.4826 MAD).
     warmup: accepted norms needed before spikes are skipped, an integer in ``[2, window]``;
@@ -422,10 +426,16 @@ def skip_spikes(
       accept = finite & ~invalid & ~spike
       skip = invalid | spike | (~finite & ~let_through)
 
+      # Every finite step with valid hyperparameters is recorded: an accepted norm as it is, a
+      # spike bounded to the band it broke (so one spike moves the band by at most one rank,
+      # while a lasting rise of the level is followed after about window / 2 steps instead of
+      # being skipped forever).
+      record = accept | spike
       slot = state.cursor % size
-      history = jnp.where(accept, state.history.at[slot].set(norm), state.history)
-      cursor = jnp.where(accept, (slot + 1) % size, state.cursor)
-      accepted = jnp.where(accept, optax.safe_increment(state.accepted), state.accepted)
+      value = jnp.where(spike, limit, norm)
+      history = jnp.where(record, state.history.at[slot].set(value), state.history)
+      cursor = jnp.where(record, (slot + 1) % size, state.cursor)
+      accepted = jnp.where(record, optax.safe_increment(state.accepted), state.accepted)
 
       new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
       out, inner_state = _skip_select(skip, new_updates, new_inner, state.inner_state)

@@ -412,9 +412,9 @@ def _verdict(
   info = {"span": span, "poisoned": poisoned, "spikes": spikes, "busy": clip_rate + skip_rate,
           "factor": opts["spike_factor"]}
   advice = _advice(status, kind, g, info)
-  if nonfinite and status != "nonfinite":
+  if nonfinite and recent_nonfinite == 0:
     advice += f" ({nonfinite} non-finite steps earlier in the run, none in the last {span}.)"
-  if invalid and status != "invalid_hyperparameter":
+  if invalid and recent_invalid == 0:
     advice += f" ({invalid} steps zeroed for an invalid hyperparameter earlier in the run.)"
   last_norm = None if norm is None or math.isnan(norm[-1]) else float(norm[-1])
   threshold = None if "threshold" not in g else float(g["threshold"][-1])
@@ -483,9 +483,10 @@ def diagnose(
 
   Raises:
     ValueError: if no clipax metrics or state are found, if a history's entries do not all have
-      the same keys (naming the key and the entry), if a metric is not a scalar, or for invalid
+      the same keys (naming the key and the entry) or its arrays the same length, or for invalid
       ``window``, ``clip_rate_high``, ``min_steps``, ``spike_factor`` or ``threshold_factor``.
-    TypeError: if a metric is not a number, or for a non-number argument.
+    TypeError: if an entry is not a dict or a metric not a scalar number (naming the key and the
+      entry), or for an argument of the wrong type.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -759,15 +759,18 @@ def _cpu_unit_sum(
     x: jax.Array, fn: Callable, factor: jax.Array | None, axes: tuple[int, ...]
 ) -> jax.Array:
   """``sum(fn(x, factor), axes, keepdims=True)``, for the CPU path: a large float16 ``x`` reduced
-  over all its leading axes (the default units) is summed in slices of rows, for the reason given
-  in :func:`_cpu_sum`; ``fn`` is elementwise, ``factor`` broadcasts like the result."""
+  over leading axes (every unit rule reduces a prefix ``0..k-1``) is viewed as a ``(rows, units)``
+  matrix and summed in slices of rows, for the reason given in :func:`_cpu_sum`; ``fn`` is
+  elementwise, ``factor`` broadcasts like the result."""
   if x.dtype == jnp.float16 and axes == tuple(range(x.ndim)):  # one unit: the whole leaf
     f = None if factor is None else factor.reshape(())
     return _cpu_sum(x, lambda y: fn(y, f)).reshape((1,) * x.ndim)
-  c = x.shape[-1] if x.ndim else 1
+  k_axes = len(axes)
+  prefix = x.ndim >= 2 and 1 <= k_axes < x.ndim and axes == tuple(range(k_axes))
+  c = math.prod(x.shape[k_axes:]) if prefix else 1
   rows = max(1, _CPU_CHUNK // c)
-  if (x.dtype != jnp.float16 or x.size <= _CPU_CHUNKED or x.ndim < 2
-      or axes != tuple(range(x.ndim - 1)) or x.size // c < 2 * rows):
+  if (x.dtype != jnp.float16 or x.size <= _CPU_CHUNKED or not prefix
+      or x.size // c < 2 * rows):
     return jnp.sum(fn(x, factor), axis=axes, keepdims=True)
   flat = x.reshape(-1, c)
   f = None if factor is None else factor.reshape(1, c)
@@ -778,7 +781,7 @@ def _cpu_unit_sum(
   total = jnp.sum(parts, axis=0)
   if flat.shape[0] > k * rows:
     total = total + jnp.sum(fn(flat[k * rows :], f), axis=0)
-  return total.reshape((1,) * (x.ndim - 1) + (c,))
+  return total.reshape((1,) * k_axes + x.shape[k_axes:])
 
 
 def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:

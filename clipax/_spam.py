@@ -213,10 +213,12 @@ def spam(
   **Robust warm-up (a deliberate difference from the reference, which has no such bound).**
   While spike clipping is off (the first 20 steps and the 20 after each reset) and
   :math:`\theta > 0`, the gradient's global norm is bounded by
-  :math:`\sqrt{\theta}\cdot\operatorname{median}` of the last 20 finite global norms (each kept
-  after this bound, in a ring buffer that survives the resets): a larger gradient is scaled down
-  to that norm (counted in ``bounded_count``), so one spike cannot fill :math:`v` while nothing
-  clips it. Before any norm is known (empty buffer, or a median of 0) there is no bound.
+  :math:`\sqrt{\theta}\cdot\operatorname{median}` of the last 20 finite global norms: a larger
+  gradient is scaled down to that norm (counted in ``bounded_count``), so one spike cannot fill
+  :math:`v` while nothing clips it. The norms sit in a ring buffer that survives the resets; every
+  accepted step adds its norm capped at the same bound (outside these periods too), so a spike
+  enters the median bounded. Before any norm is known (empty buffer, or a median of 0) there is
+  no bound, and a gradient whose square would overflow is skipped (below).
 
   **Skipped steps.** A gradient with a NaN or Inf element, or whose (bounded or clipped)
   elements' squares would overflow the moment dtype, skips the step: zero update; moments,
@@ -275,7 +277,7 @@ def spam(
     _checks.number("learning_rate", learning_rate, low=0.0)
   _checks.number("b1", b1, low=0.0, high=1.0)
   _checks.number("b2", b2, low=0.0, high=1.0)
-  _checks.number("eps", eps, low=0.0)
+  _checks.number("eps", eps, low=0.0, low_open=True)
   _checks.number("theta", theta, low=0.0)
   _checks.number("reset_interval", reset_interval, low=1, integer=True)
   _checks.number("warmup_steps", warmup_steps, low=0, integer=True)

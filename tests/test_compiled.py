@@ -4,6 +4,7 @@ Speed itself is measured in benchmarks/ (``--cases half``); these tests pin the 
 makes it: no float32 copy of a whole float16/bfloat16 gradient is ever written to memory.
 """
 
+import functools
 import math
 import re
 
@@ -135,19 +136,26 @@ def test_float16_chunk_boundaries_match_float64(n, ord):
   assert_close(leaf, leaf_norm64(tree["x"], ord), jnp.float32, rtol=2e-6)
 
 
+@pytest.mark.parametrize("units", ["nfnets", "last_axis"])
 @pytest.mark.parametrize("shape", [SHAPE, (7, 40, 331), (100_003,)])
-def test_float16_unitwise_norms_match_float64_without_a_float32_copy(shape):
+def test_float16_unitwise_norms_match_float64_without_a_float32_copy(shape, units):
   rng = np.random.default_rng(7)
   x = rng.normal(size=shape) * 30
   x[..., 5] = 0  # an all-zero unit: its sum underflows and takes the rescue path
   x = _cpu(jnp.asarray(x, jnp.float16))
-  got = jax.jit(clipax.unitwise_norms)(x)
+  norms = functools.partial(clipax.unitwise_norms, units=units)
+  got = jax.jit(norms)(x)
   x64 = np.asarray(x, np.float64)
-  axes = tuple(range(x.ndim - 1)) if x.ndim > 1 else (0,)
+  if x.ndim == 1:
+    axes = (0,)
+  elif units == "last_axis":
+    axes = tuple(range(x.ndim - 1))
+  else:  # NFNets/optax: a dense or multi-head kernel reduces its input axis only
+    axes = (0,)
   want = np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=True))
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6)
   full = {f"f32[{','.join(map(str, shape))}]", f"f32[{x.size}]"}
-  assert not _entry_shapes(clipax.unitwise_norms, x) & full
+  assert not _entry_shapes(norms, x) & full
 
 
 def test_float16_agc_writes_no_float32_copy():

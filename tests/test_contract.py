@@ -7,47 +7,14 @@ dtype stability under jit, strict dtype promotion and ``metrics()``.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import CLIPPERS, Case
 
 import clipax
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  name: str
-  factory: Callable[..., optax.GradientTransformation]
-  args: tuple = ()
-  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  def make(self) -> optax.GradientTransformation:
-    return self.factory(*self.args, **self.kwargs)
-
-  def __str__(self) -> str:
-    return self.name
-
-
-CLIPPERS = [
-    Case("clip_by_global_norm", clipax.clip_by_global_norm, (1.0,)),
-    Case("clip_by_global_norm_inf", clipax.clip_by_global_norm, (1.0,), {"ord": float("inf")}),
-    Case("clip_by_value", clipax.clip_by_value, (0.1,)),
-    Case("clip_by_leaf_norm", clipax.clip_by_leaf_norm, (1.0,)),
-    Case("clip_by_block_rms", clipax.clip_by_block_rms, (0.1,)),
-    Case("adaptive_grad_clip", clipax.adaptive_grad_clip, (0.01,)),
-    Case("zclip", clipax.zclip, (), {"warmup_steps": 1}),
-    Case("autoclip", clipax.autoclip, (10.0,), {"history": 16}),
-    Case("adagc", clipax.adagc, (), {"warmup_steps": 1}),
-    Case("skip_nonfinite", clipax.skip_nonfinite, (optax.sgd(0.1, momentum=0.9),)),
-    Case("skip_spikes", clipax.skip_spikes, (optax.sgd(0.1, momentum=0.9),), {"window": 4}),
-    Case("spam", clipax.spam, (0.1,)),
-]
 
 
 def _params(dtype):
@@ -158,3 +125,181 @@ def test_masked_leaves_pass_through(case):
   bias = grads["dense"]["bias"]
   np.testing.assert_array_equal(np.asarray(out["dense"]["bias"]), np.asarray(bias))
   assert int(clipax.metrics(state)["clip/count"]) == 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _run_steps(tx, state, params, scales):
+  update = jax.jit(tx.update)
+  outs = []
+  for scale in scales:
+    out, state = update(_grads(params, scale), state, params)
+    outs.append(out)
+  return outs, state
+
+
+def _bits(tree):
+  return [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_state_has_no_zero_size_array(case):
+  tx = case.make()
+  state = tx.init(_params(jnp.float32))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    assert np.size(leaf) > 0, jax.tree_util.keystr(path)
+
+
+def test_state_saves_and_resumes_bit_identically_with_orbax(case, tmp_path):
+  import orbax.checkpoint as ocp
+
+  params = _params(jnp.float32)
+  tx = case.make()
+  _, state = _run_steps(tx, tx.init(params), params, [1.0, 100.0, jnp.nan, 1.0, 3.0])
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    target = jax.eval_shape(tx.init, params)
+    restored = ckpt.restore(tmp_path / "state", target)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+  assert _bits(restored) == _bits(state)
+  assert _avals(restored) == _avals(state)
+  more = [2.0, 50.0, 0.5]
+  out_a, state_a = _run_steps(tx, state, params, more)
+  out_b, state_b = _run_steps(tx, restored, params, more)
+  assert _bits(out_a) == _bits(out_b) and _bits(state_a) == _bits(state_b)
+
+
+def test_state_saves_and_resumes_bit_identically_with_flax_serialization(case):
+  from flax import serialization
+
+  params = _params(jnp.float32)
+  tx = case.make()
+  _, state = _run_steps(tx, tx.init(params), params, [1.0, 100.0, jnp.inf, 1.0])
+  blob = serialization.to_bytes(state)
+  restored = serialization.from_bytes(tx.init(params), blob)
+  assert _bits(restored) == _bits(state)
+  as_dict = serialization.from_state_dict(tx.init(params), serialization.to_state_dict(state))
+  assert _bits(as_dict) == _bits(state)
+  out_a, state_a = _run_steps(tx, state, params, [2.0, 50.0])
+  out_b, state_b = _run_steps(tx, restored, params, [2.0, 50.0])
+  assert _bits(out_a) == _bits(out_b) and _bits(state_a) == _bits(state_b)
+
+
+# ----------------------------------------------------------------------------- safety rules
+_TRACED = [c for c in CLIPPERS if c.hparam is not None]
+
+
+def _counters(state):
+  """Every int32 counter of every clipax state inside ``state``, by field name."""
+  found = {}
+
+  def visit(node, where):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      for field in node._fields:
+        value = getattr(node, field)
+        if isinstance(value, jax.Array) and value.dtype == jnp.int32 and value.shape == ():
+          found[f"{where}{type(node).__name__}.{field}"] = value
+        else:
+          visit(value, f"{where}{type(node).__name__}.{field}/")
+    elif isinstance(node, (tuple, list)):
+      for i, x in enumerate(node):
+        visit(x, f"{where}{i}/")
+
+  visit(state, "")
+  return found
+
+
+def _saturate(state, start):
+  """``state`` with every clipax counter (not ring positions or flags) set to ``start``."""
+
+  def visit(node):
+    if isinstance(node, tuple) and hasattr(node, "_fields") and callable(
+        getattr(node, "clipax_metrics", None)):
+      changes = {f: jnp.asarray(start, jnp.int32) for f in node._fields
+                 if f in ("count", "observed", "accepted") or f.endswith("_count")}
+      if "inner_state" in node._fields:
+        changes["inner_state"] = visit(node.inner_state)
+      return node._replace(**changes)
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*[visit(x) for x in node])
+    if isinstance(node, (tuple, list)):
+      return type(node)(visit(x) for x in node)
+    return node
+
+  return visit(state)
+
+
+@pytest.mark.parametrize("case", _TRACED, ids=str)
+def test_invalid_traced_hyperparameter_is_counted_never_a_silent_disable(case):
+  params = _params(jnp.float32)
+  inject = optax.inject_hyperparams(case.factory, hyperparam_dtype=jnp.float32)
+  tx = inject(*case.args, **case.kwargs)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  _, state = update(_grads(params), state, params)
+  before = clipax.metrics(state)
+  for bad in [jnp.nan, -1.0, jnp.nan if case.inf_is_off else jnp.inf]:
+    good = state.hyperparams[case.hparam]
+    state.hyperparams[case.hparam] = jnp.asarray(bad, jnp.float32)
+    out, state = update(_grads(params, 100.0), state, params)
+    state.hyperparams[case.hparam] = good
+    for leaf in jax.tree_util.tree_leaves(out):
+      np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  m = clipax.metrics(state)
+  assert int(m["clip/invalid_count"]) == 3
+  assert int(m["clip/nonfinite_count"]) == int(before["clip/nonfinite_count"])
+  out, state = update(_grads(params), state, params)  # valid again: acts normally
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree_util.tree_leaves(out))
+  assert int(clipax.metrics(state)["clip/invalid_count"]) == 3
+
+
+@pytest.mark.parametrize("case", [c for c in _TRACED if c.inf_is_off], ids=str)
+def test_traced_inf_threshold_means_off(case):
+  params = _params(jnp.float32)
+  tx = optax.inject_hyperparams(case.factory)(*case.args, **case.kwargs)
+  state = tx.init(params)
+  state.hyperparams[case.hparam] = jnp.asarray(jnp.inf, jnp.float32)
+  grads = _grads(params, 100.0)
+  out, state = jax.jit(tx.update)(grads, state, params)
+  assert _bits(out) == _bits(grads)
+  m = clipax.metrics(state)
+  assert int(m["clip/invalid_count"]) == 0 and not bool(m["clip/clipped"])
+
+
+@pytest.mark.parametrize("case", _TRACED, ids=str)
+def test_python_numbers_through_inject_hyperparams_are_validated_in_init(case):
+  tx = optax.inject_hyperparams(case.factory)(*case.args, **{**case.kwargs, case.hparam: -1.0})
+  with pytest.raises(ValueError, match=f"`{case.hparam}`"):
+    tx.init(_params(jnp.float32))
+
+
+def test_counters_saturate_instead_of_wrapping(case):
+  params = _params(jnp.float32)
+  tx = case.make()
+  start = 2**31 - 3
+  state = _saturate(tx.init(params), start)
+  _, state = _run_steps(tx, state, params, [100.0, jnp.nan, 100.0, jnp.inf, 100.0, 1.0])
+  counters = _counters(state)
+  assert counters
+  for name, value in counters.items():
+    assert int(value) >= 0, name
+  for name in counters:
+    if name.endswith((".count", "_count")) and "cursor" not in name:
+      assert int(counters[name]) >= start or int(counters[name]) <= 6, name
+  m = clipax.metrics(state)
+  assert int(m["clip/count"]) >= start
+  for key in ("clip/clip_rate", "clip/skip_rate"):
+    if key in m:
+      assert 0.0 <= float(m[key]) <= 1.0, key
+
+
+def test_float64_statistics_under_x64(case):
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda x: x * 1e40, _params(jnp.float64))
+    tx = case.make()
+    state = tx.init(params)
+    out, state = jax.jit(tx.update)(_grads(params), state, params)
+    m = clipax.metrics(state)
+    assert int(m["clip/nonfinite_count"]) == 0
+    assert np.isfinite(float(m["clip/norm"])) and float(m["clip/norm"]) > 1e40
+    for leaf in jax.tree_util.tree_leaves(out):
+      assert leaf.dtype == jnp.float64 and np.all(np.isfinite(np.asarray(leaf)))

@@ -170,7 +170,7 @@ def test_resets_go_on_after_the_count_saturates():
   tx = clipax.spam(0.01, reset_interval=interval)
   near = jnp.asarray(INT_MAX - 3, jnp.int32)
   state0 = tx.init({"w": jnp.zeros(6)})._replace(
-      count=near, nonfinite_count=near + 1, spike_count=near, invalid_count=near
+      count=near, nonfinite_count=near + 2
   )
   state, _, states = _steps(tx, grads, state0)
   assert int(state.count) == INT_MAX and int(state.nonfinite_count) == INT_MAX

@@ -1,0 +1,62 @@
+"""The table of every public transformation, shared by the contract and fault-injection tests.
+
+Each row builds one transformation with small, fast settings; ``hparam`` names a numeric
+hyperparameter that ``optax.inject_hyperparams`` can trace (``None`` when there is none), and
+``stats`` the float fields of its state that are statistics (they must stay finite under any
+fault; ``norm`` and ``threshold`` record what was measured and may be inf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import clipax
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  args: tuple = ()
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  hparam: str | None = None
+  kind: str = "clip"  # "clip" (chain it), "guard" (wraps an optimizer), "optimizer"
+  inf_is_off: bool = False  # ``hparam`` is a threshold for which +inf means "no clipping"
+
+  def make(self, **overrides) -> optax.GradientTransformation:
+    return self.factory(*self.args, **{**self.kwargs, **overrides})
+
+  def __str__(self) -> str:
+    return self.name
+
+
+def _sgd():
+  return optax.sgd(0.1, momentum=0.9)
+
+
+CLIPPERS = [
+    Case("clip_by_global_norm", clipax.clip_by_global_norm, (), {"max_norm": 1.0}, "max_norm",
+         inf_is_off=True),
+    Case("clip_by_global_norm_inf", clipax.clip_by_global_norm, (), {"max_norm": 1.0,
+                                                                      "ord": float("inf")},
+         "max_norm", inf_is_off=True),
+    Case("clip_by_value", clipax.clip_by_value, (), {"max_value": 0.1}, "max_value",
+         inf_is_off=True),
+    Case("clip_by_leaf_norm", clipax.clip_by_leaf_norm, (), {"max_norm": 1.0}, "max_norm",
+         inf_is_off=True),
+    Case("clip_by_block_rms", clipax.clip_by_block_rms, (), {"threshold": 0.1}, "threshold",
+         inf_is_off=True),
+    Case("adaptive_grad_clip", clipax.adaptive_grad_clip, (), {"clipping": 0.01}, "clipping",
+         inf_is_off=True),
+    Case("zclip", clipax.zclip, (), {"warmup_steps": 1}, "z_threshold"),
+    Case("autoclip", clipax.autoclip, (), {"percentile": 10.0, "history": 16}, "percentile"),
+    Case("adagc", clipax.adagc, (), {"warmup_steps": 1}, "ratio"),
+    Case("skip_nonfinite", clipax.skip_nonfinite, (_sgd(),), {}, None, "guard"),
+    Case("skip_spikes", clipax.skip_spikes, (_sgd(),), {"window": 4, "warmup": 2}, "threshold",
+         "guard"),
+    Case("spam", clipax.spam, (), {"learning_rate": 0.1}, "learning_rate", "optimizer"),
+]
