@@ -464,8 +464,12 @@ def autoclip(
   over the last :math:`h` = ``history`` finite norms (a ring buffer; the reference keeps all of
   them), with numpy's default linear interpolation. The history holds the pre-clip norms, as in
   the reference. A NaN/Inf norm zeroes the update (``nonfinite="zero"``), is counted, and is
-  never written to the history. The warm-up needs no special rule: an order statistic is robust
-  by itself (one 1e30 norm in the history moves the 10th percentile by at most one rank). A
+  never written to the history. The warm-up needs no special rule for the *statistics*: an
+  order statistic is robust by itself (one 1e30 norm in a history of three or more moves the
+  10th percentile by at most one rank, so it cannot poison later thresholds). It cannot protect
+  the very first steps, though: the first norm is its own percentile (never clipped), and a
+  1e30 second norm interpolates the 10th percentile to about 1e29; set ``max_norm`` to bound
+  those steps. A
   traced ``percentile`` or ``max_norm`` that is NaN or out of range zeroes the update, is
   counted in ``invalid_count`` and leaves the history as it was.
 

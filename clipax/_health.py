@@ -290,9 +290,10 @@ _ADVICE: dict[tuple[str, str], str] = {
     ("poisoned_threshold", ""): "The threshold is {why}: its statistics were inflated (a spike or "
     "an overflow got in, or a warm-up cap far above the norms), so it no longer catches spikes; "
     "cap it with `max_norm` or re-initialise the clipper's state.",
-    ("poisoned_threshold", "spike_guard"): "The threshold is {why}: spikes in the guard's window "
-    "of accepted norms inflate its mean and std, so further spikes go through until they leave "
-    "it; clip before the guard (clip_by_global_norm) to bound what it accepts.",
+    ("poisoned_threshold", "spike_guard"): "The threshold is {why}: huge norms accepted while the "
+    "guard was warming up fill more than half of its window, so its median and MAD are "
+    "inflated and further spikes go through until they leave it; clip before the guard "
+    "(clip_by_global_norm) to bound what it accepts.",
     ("unclipped_spikes", "fixed"): "{head} unclipped: the threshold is above them; lower it "
     "(clipax.suggest_max_norm).",
     ("unclipped_spikes", "adaptive"): "{head} unclipped: the learned threshold was warming up or "
