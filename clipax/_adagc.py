@@ -25,9 +25,10 @@ from clipax._adaptive import (
 from clipax._checks import Nonfinite
 from clipax._clipping import action, combine_norms, scale_for
 from clipax._norms import AxisName, _leafwise, float_leaves
-from clipax._state import add_count, init_clip_state, record
+from clipax._state import add_count, init_clip_state, record, register_state
 
 
+@register_state
 class AdaGCState(NamedTuple):
   """State of :func:`clipax.adagc`.
 

@@ -39,6 +39,7 @@ from clipax._state import (
     clip_state_metrics,
     init_clip_state,
     record,
+    register_state,
 )
 
 ZClipMode = Literal["reciprocal", "mean", "zscore"]
@@ -55,6 +56,7 @@ def _threshold_metrics(state: Any) -> dict[str, jax.Array]:
   return {**clip_state_metrics(state), "threshold": _value(state.threshold)}
 
 
+@register_state
 class ZClipState(NamedTuple):
   """State of :func:`clipax.zclip`.
 
@@ -92,6 +94,7 @@ class ZClipState(NamedTuple):
     return _threshold_metrics(self)
 
 
+@register_state
 class AutoClipState(NamedTuple):
   """State of :func:`clipax.autoclip`.
 

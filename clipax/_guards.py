@@ -29,7 +29,7 @@ import optax
 from clipax import _checks
 from clipax._adaptive import _known_size, static_int
 from clipax._norms import AxisName, global_norm
-from clipax._state import _value, add_count, stat_dtype
+from clipax._state import _value, add_count, register_state, stat_dtype
 
 MAD_TO_STD = 1.4826
 """The median absolute deviation of a normal distribution times this is its standard deviation."""
@@ -38,6 +38,7 @@ DEFAULT_WARMUP = 16
 """Accepted norms :func:`skip_spikes` needs before it skips spikes (or ``window`` if smaller)."""
 
 
+@register_state
 class SkipNonfiniteState(NamedTuple):
   """State of :func:`clipax.skip_nonfinite`.
 
@@ -69,6 +70,7 @@ class SkipNonfiniteState(NamedTuple):
     return guard_metrics(self)
 
 
+@register_state
 class SkipState(NamedTuple):
   """State of :func:`clipax.skip_spikes`.
 

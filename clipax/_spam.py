@@ -15,7 +15,7 @@ import optax
 
 from clipax import _checks
 from clipax._norms import global_norm
-from clipax._state import _value, add_count, stat_dtype
+from clipax._state import _value, add_count, register_state, stat_dtype
 
 _F32 = jnp.float32
 
@@ -32,6 +32,7 @@ _WARMUP_FLOOR = 0.01
 _HISTORY = 20
 
 
+@register_state
 class SpamState(NamedTuple):
   """State of :func:`clipax.spam`.
 

@@ -104,13 +104,51 @@ def record(
   )
 
 
+def _is_wrapped(x: Any) -> bool:
+  """A Flax NNX variable as an orbax checkpoint restored without a target gives it back."""
+  return isinstance(x, Mapping) and set(x) == {"value"}
+
+
 def _value(x: Any) -> jax.Array:
-  """Unwraps Flax NNX variables (``get_value()`` since Flax 0.12, ``.value`` before)."""
+  """Unwraps Flax NNX variables (``get_value()`` since Flax 0.12, ``.value`` before, or
+  ``{"value": x}`` from a checkpoint restored without a target)."""
   if isinstance(x, (jax.Array, np.ndarray, np.generic)):
     return jnp.asarray(x)
+  if _is_wrapped(x):
+    return _value(x["value"])
   get_value = getattr(x, "get_value", None)
   inner = get_value() if callable(get_value) else getattr(x, "value", x)
   return jnp.asarray(inner)
+
+
+# Every clipax state class, so that a state that lost its NamedTuple type on the way through a
+# dict (``nnx.to_pure_dict``, ``flax.serialization.to_state_dict``, an orbax restore without a
+# target) is recognised by its field names and rebuilt.
+_STATE_TYPES: list[type] = []
+
+
+def register_state(cls: type) -> type:
+  """Class decorator: makes :func:`metrics` read ``cls`` also in its dict forms."""
+  _STATE_TYPES.append(cls)
+  return cls
+
+
+register_state(ClipState)
+
+
+def _rebuild(fields: Mapping) -> Any:
+  """The clipax state whose field names are exactly the keys of ``fields``, or ``None``."""
+  keys = set(fields)
+  for cls in _STATE_TYPES:
+    if keys == set(cls._fields):
+      values = {}
+      for f in cls._fields:
+        if f == "inner_state":  # searched separately, whatever its form
+          values[f] = None
+        else:
+          values[f] = jax.tree_util.tree_map(_value, fields[f], is_leaf=_is_wrapped)
+      return cls(**values)
+  return None
 
 
 def clip_state_metrics(state: Any) -> dict[str, jax.Array]:
@@ -136,7 +174,10 @@ def is_clipax_state(x: Any) -> bool:
 
 def _is_pure_state(x: Any) -> bool:
   """A clipax state flattened to a ``dict`` (``nnx.to_pure_dict``, a restored checkpoint)."""
-  return isinstance(x, Mapping) and all(f in x for f in ClipState._fields)
+  if not isinstance(x, Mapping):
+    return False
+  keys = set(x)
+  return any(keys == set(c._fields) for c in _STATE_TYPES) or keys >= set(ClipState._fields)
 
 
 class _PureState:
@@ -165,7 +206,8 @@ def _find(node: Any, found: list) -> None:
       if inner is not None:
         _find(inner, found)
     elif _is_pure_state(leaf):
-      found.append(_PureState(leaf))
+      rebuilt = _rebuild(leaf)
+      found.append(_PureState(leaf) if rebuilt is None else rebuilt)
       if "inner_state" in leaf:
         _find(leaf["inner_state"], found)
 
@@ -175,7 +217,10 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
 
   Finds clipax states anywhere inside ``opt_state``: ``optax.chain``, ``inject_hyperparams``,
   ``MultiSteps``, ``masked``/``partition``, a Flax ``nnx.Optimizer``'s ``opt_state`` and clipax
-  guards around other optimizers. With one clipper the keys are ``"{prefix}/norm"``,
+  guards around other optimizers; and in every dict form of those states (``nnx.State``,
+  ``nnx.to_pure_dict``, ``flax.serialization.to_state_dict``, an orbax checkpoint restored with
+  or without a target), recognised by their field names. With one clipper the keys are
+  ``"{prefix}/norm"``,
   ``"{prefix}/scale"``, ``"{prefix}/clipped"``, ``"{prefix}/clip_rate"`` (clipped updates / all
   updates), ``"{prefix}/clipped_count"``, ``"{prefix}/nonfinite_count"`` and ``"{prefix}/count"``;
   adaptive clippers add ``threshold`` and guards ``skipped_count``. With several clippers

@@ -303,3 +303,36 @@ def test_float64_statistics_under_x64(case):
     assert np.isfinite(float(m["clip/norm"])) and float(m["clip/norm"]) > 1e40
     for leaf in jax.tree_util.tree_leaves(out):
       assert leaf.dtype == jnp.float64 and np.all(np.isfinite(np.asarray(leaf)))
+
+
+# ------------------------------------------------------------------------ metrics in every form
+def test_metrics_read_every_form_of_the_state(case, tmp_path):
+  import orbax.checkpoint as ocp
+  from flax import nnx, serialization
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = case.make()
+  if case.kind == "clip":
+    tx = optax.chain(tx, optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  for scale in (1.0, 50.0, float("nan")):
+    grads = jax.tree_util.tree_map(lambda x, s=scale: jnp.full_like(x, s),
+                                   nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+  want = {k: np.asarray(v) for k, v in clipax.metrics(optimizer.opt_state).items()}
+  assert want and int(want[next(k for k in want if k.endswith("nonfinite_count"))]) == 1
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "opt", nnx.state(optimizer))
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "opt")  # no target: nested dicts, {"value": x} variables
+  forms = {
+      "nnx.to_pure_dict": nnx.to_pure_dict(nnx.state(optimizer)),
+      "nnx.State": nnx.state(optimizer),
+      "flax state dict": serialization.to_state_dict(optimizer.opt_state),
+      "orbax without target": restored,
+  }
+  for form, state in forms.items():
+    got = clipax.metrics(state)
+    assert set(got) == set(want), (form, sorted(set(got) ^ set(want)))
+    for key, value in want.items():
+      np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=f"{form}: {key}")
