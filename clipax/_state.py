@@ -225,6 +225,9 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
   updates), ``"{prefix}/clipped_count"``, ``"{prefix}/nonfinite_count"`` and ``"{prefix}/count"``;
   adaptive clippers add ``threshold`` and guards ``skipped_count``. With several clippers
   each gets its position in the state: ``"{prefix}/0/norm"``, ``"{prefix}/1/norm"``, ...
+  Under ``optax.MultiSteps`` the clipax states are updated once per optimizer step, so their
+  metrics describe the last real update; ``"{prefix}/updated"`` says whether the call that
+  produced ``opt_state`` applied one (``False`` while gradients are being accumulated).
 
   Args:
     opt_state: any optax state (or a pytree holding one).
@@ -232,6 +235,9 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
 
   Returns:
     ``dict[str, jax.Array]`` of scalars; empty if no clipax state is found. Works under ``jit``.
+
+  Raises:
+    TypeError: if ``prefix`` is not a non-empty string.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -245,6 +251,8 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
     >>> print(f"{m['clip/norm']:.3f} {m['clip/clip_rate']:.1f} {bool(m['clip/clipped'])}")
     3.464 1.0 True
   """
+  if not isinstance(prefix, str) or not prefix:
+    raise TypeError(f"`prefix` must be a non-empty str, got {prefix!r}")
   found: list = []
   _find(opt_state, found)
   out: dict[str, jax.Array] = {}
@@ -252,4 +260,31 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
     head = prefix if len(found) == 1 else f"{prefix}/{i}"
     for key, value in state.clipax_metrics().items():
       out[f"{head}/{key}"] = value
+  multi = _multi_steps(opt_state)
+  if found and multi is not None:
+    out[f"{prefix}/updated"] = _updated(multi)
   return out
+
+
+_MULTI_STEPS_FIELDS = frozenset(optax.MultiStepsState._fields)
+
+
+def _is_multi_steps(x: Any) -> bool:
+  return isinstance(x, optax.MultiStepsState) or (
+      isinstance(x, Mapping) and set(x) == _MULTI_STEPS_FIELDS)
+
+
+def _multi_steps(opt_state: Any) -> Any:
+  """The outermost ``optax.MultiSteps`` state inside ``opt_state`` (any form), or ``None``."""
+  for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_multi_steps):
+    if _is_multi_steps(leaf):
+      return leaf
+  return None
+
+
+def _updated(multi: Any) -> jax.Array:
+  """Whether the call that produced this ``MultiSteps`` state applied an optimizer update: the
+  mini-step counter is back at 0 and at least one update was made. Until then the clipax
+  metrics inside keep describing the last real update."""
+  field = (lambda f: multi[f]) if isinstance(multi, Mapping) else (lambda f: getattr(multi, f))
+  return (_value(field("mini_step")) == 0) & (_value(field("gradient_step")) > 0)

@@ -143,3 +143,32 @@ def test_counts_saturate_instead_of_overflowing():
   state = tx.init(PARAMS)._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
   _, state = _step(tx, state, _grads(1.0))
   assert int(state.count) == np.iinfo(np.int32).max
+
+
+def test_multisteps_metrics_say_whether_this_call_updated():
+  k = 3
+  tx = optax.MultiSteps(optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1)), k)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  assert not bool(clipax.metrics(state)["clip/updated"])
+  update = jax.jit(tx.update)
+  flags, counts = [], []
+  for step in range(2 * k):
+    _, state = update({"w": jnp.full(2, float(step + 1))}, state, params)
+    m = clipax.metrics(state)
+    flags.append(bool(m["clip/updated"]))
+    counts.append(int(m["clip/count"]))
+  assert flags == [False, False, True] * 2
+  assert counts == [0, 0, 1, 1, 1, 2]  # the clipper runs once per optimizer step
+  from flax import serialization
+
+  as_dict = serialization.to_state_dict(state)
+  assert bool(clipax.metrics(as_dict)["clip/updated"])
+
+
+def test_metrics_without_multisteps_has_no_updated_key_and_checks_prefix():
+  tx = clipax.clip_by_global_norm(1.0)
+  state = tx.init({"w": jnp.zeros(2)})
+  assert "clip/updated" not in clipax.metrics(state)
+  with pytest.raises(TypeError, match="`prefix`"):
+    clipax.metrics(state, prefix=3)
