@@ -171,6 +171,7 @@ def adagc(
   _checks.threshold("warmup_max_norm", warmup_max_norm)
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
+  _checks.axis_name(axis_name)
 
   def init_fn(params):
     base = init_clip_state()

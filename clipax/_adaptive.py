@@ -420,6 +420,7 @@ def zclip(
   _checks.choice("mode", mode, get_args(ZClipMode))
   _checks.choice("warmup_stats", warmup_stats, get_args(WarmupStats))
   _checks.nonfinite(nonfinite)
+  _checks.axis_name(axis_name)
   size = static_int("warmup_steps", warmup_steps)
 
   def init_stats(dt):
@@ -512,6 +513,7 @@ def autoclip(
   size = static_int("history", history)
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
+  _checks.axis_name(axis_name)
 
   def init_stats(dt):
     return {

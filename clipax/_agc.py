@@ -17,7 +17,7 @@ import optax
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import _per_leaf_clip, _transformation, invalid_threshold
-from clipax._norms import ReductionAxes, UnitRule, unitwise_norms
+from clipax._norms import ReductionAxes, UnitRule, float_leaves, unitwise_norms
 
 
 def _paired(updates: Any, params: Any) -> None:
@@ -100,6 +100,8 @@ def adaptive_grad_clip(
   def clip_fn(updates, params):
     if params is None:
       raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params)")
+    float_leaves(updates, "adaptive_grad_clip")  # a clear error for a non-numeric leaf first
+    float_leaves(params, "adaptive_grad_clip")
     _paired(updates, params)
     g_norms = jax.tree_util.tree_leaves(unitwise_norms(updates, axes=axes, units=units))
     p_norms = jax.tree_util.tree_leaves(unitwise_norms(params, axes=axes, units=units))

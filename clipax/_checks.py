@@ -78,6 +78,7 @@ def number(
   if integer:
     high, high_open = min(high, INT_MAX), False
   if allow_array and _is_array(value):
+    scalar_array(name, value)
     item = _concrete_item(value)
     if item is None:
       return
@@ -103,6 +104,34 @@ def number(
   )
   if bad:
     raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+
+
+def scalar_array(name: str, value: Any) -> None:
+  """An array hyperparameter must be a real scalar: any other shape would broadcast against the
+  gradients (or change the state's shapes) instead of being one number."""
+  shape = tuple(getattr(value, "shape", ()))
+  if shape != ():
+    raise ValueError(f"`{name}` must be a scalar (shape ()), got an array of shape {shape}")
+  kind = np.dtype(value.dtype).kind
+  if kind not in "iuf" and not (kind == "V" and jnp.issubdtype(value.dtype, jnp.floating)):
+    shown = value.item() if not is_traced(value) else "a traced value"
+    raise TypeError(f"`{name}` must be a real number, got {shown!r} (an array of dtype "
+                    f"{value.dtype})")
+
+
+def axis_name(value: Any) -> None:
+  """``None``, one axis name (any hashable, usually a str) or a tuple/list of them."""
+  names = value if isinstance(value, (tuple, list)) else [value]
+  for n in names:
+    try:
+      hash(n)
+    except TypeError:
+      raise TypeError(
+          f"`axis_name` must be None, an axis name (a str) or a tuple of them, got {value!r}"
+      ) from None
+    if isinstance(n, (tuple, list)):
+      raise TypeError(
+          f"`axis_name` must be None, an axis name (a str) or a tuple of them, got {value!r}")
 
 
 def threshold(name: str, value: Any) -> None:

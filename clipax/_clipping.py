@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -168,8 +169,8 @@ def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonf
     The clipped tree, same structure and dtypes.
 
   Raises:
-    ValueError: for a negative, non-finite or non-numeric python ``max_norm``, or an unknown
-      ``nonfinite``.
+    ValueError: for a negative concrete ``norm``; for a negative, non-finite or non-numeric
+      python ``max_norm``, or an unknown ``nonfinite``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -181,10 +182,13 @@ def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonf
   """
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
+  given = norm
+  if given is None or isinstance(given, (str, bytes, bool, np.bool_)):
+    raise TypeError(f"`norm` must be a number or a scalar array, got {given!r}")
   try:
     norm = jnp.asarray(norm)
-  except TypeError as err:
-    raise TypeError(f"`norm` must be a number or a scalar array, got {norm!r}") from err
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"`norm` must be a number or a scalar array, got {given!r}") from err
   if norm.shape != () or not jnp.issubdtype(norm.dtype, jnp.number):
     raise TypeError(
         f"`norm` must be a real scalar (e.g. from clipax.global_norm), got shape {norm.shape} "
@@ -194,6 +198,10 @@ def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonf
     raise TypeError(f"`norm` must be real, got dtype {norm.dtype}")
   if not jnp.issubdtype(norm.dtype, jnp.floating):
     norm = norm.astype(jnp.float32)
+  concrete = given if isinstance(given, (int, float, np.number)) else (
+      None if _checks.is_traced(norm) else norm)
+  if concrete is not None and float(concrete) < 0:
+    raise ValueError(f"`norm` must be >= 0 (a norm), got {given!r}")
   return _clip(tree, norm, max_norm, nonfinite, "clip_with_norm")[0]
 
 
@@ -260,6 +268,7 @@ def clip_by_global_norm(
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
   check_replicated(replicated)
+  _checks.axis_name(axis_name)
   ord = canonical_ord(ord)
 
   def init_fn(params):

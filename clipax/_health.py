@@ -189,7 +189,31 @@ def _groups(history: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
   for key, value in history.items():
     head, _, field = key.rpartition("/")
     groups.setdefault(head, {})[field] = value
-  return {head: g for head, g in groups.items() if "count" in g}
+  out = {head: g for head, g in groups.items() if "count" in g}
+  for head, g in out.items():
+    _check_group(head, g)
+  return out
+
+
+_ACTED = ("clipped_count", "skipped_count", "clip_rate", "clipped", "skipped", "spikes")
+
+
+def _check_group(head: str, g: dict[str, np.ndarray]) -> None:
+  """Counters are finite integers >= 0, no event counter exceeds the step count, and a group
+  says what its transformation did; otherwise a ValueError naming the key."""
+  for field, values in g.items():
+    if field == "count" or field.endswith("_count"):
+      bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+      if bad.any():
+        raise ValueError(f"`metrics_or_state` key '{head}/{field}' must hold integers >= 0, got "
+                         f"{values[bad][0]!r}")
+  for field in ("clipped_count", "skipped_count", "nonfinite_count", "invalid_count"):
+    if field in g and (g[field] > g["count"]).any():
+      raise ValueError(f"`metrics_or_state` key '{head}/{field}' ({g[field].max():g}) exceeds "
+                       f"'{head}/count' ({g['count'].max():g})")
+  if not any(f in g for f in _ACTED):
+    raise ValueError(f"`metrics_or_state` group '{head}' has a count but none of "
+                     f"{', '.join(_ACTED)}: pass the whole dict from clipax.metrics(...)")
 
 
 def _kind(g: dict[str, np.ndarray]) -> Kind:
@@ -542,6 +566,8 @@ def _as_norms(norms: Any) -> np.ndarray:
     raise TypeError(f"`norms` must be a sequence or array of numbers, got {type(norms).__name__}")
   try:
     x = np.asarray(norms)
+    if x.dtype.kind in "US" and isinstance(norms, (list, tuple)):
+      x = np.asarray(norms, dtype=object)  # numpy made every number a string: find the bad one
   except (TypeError, ValueError) as e:
     raise TypeError(f"`norms` must be a sequence or array of numbers: {e}") from e
   out = _floats(x)

@@ -110,7 +110,17 @@ def float_leaves(tree: Any, what: str = "global_norm") -> list[jax.Array]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   leaves = []
   for path, leaf in flat:
-    x = jnp.asarray(leaf)
+    where = jax.tree_util.keystr(path) or "<root>"
+    if isinstance(leaf, (str, bytes)) or (
+        hasattr(leaf, "dtype") and np.dtype(leaf.dtype).kind in "OSUV"
+        and not jnp.issubdtype(leaf.dtype, jnp.floating)):
+      raise TypeError(f"{what}: leaf {where} is {leaf!r:.60}, not a numeric array")
+    try:
+      x = jnp.asarray(leaf)
+    except (TypeError, ValueError):
+      raise TypeError(
+          f"{what}: leaf {where} is {leaf!r:.60} of type {type(leaf).__name__}, not an array"
+      ) from None
     if not jnp.issubdtype(x.dtype, jnp.inexact):
       raise ValueError(
           f"{what}: leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {x.dtype}; "
@@ -599,6 +609,7 @@ def global_norm(
     2.2361
   """
   ord = canonical_ord(ord)
+  _checks.axis_name(axis_name)
   leaves = float_leaves(tree)
   rep = replicated_mask(tree, replicated)
   with jax.named_scope("clipax/global_norm"):
@@ -705,6 +716,7 @@ def leaf_norms(
     5.0 2.0
   """
   ord = canonical_ord(ord)
+  _checks.axis_name(axis_name)
   treedef = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
     leaves = float_leaves(tree, "leaf_norms")
@@ -840,6 +852,8 @@ def unitwise_norms(tree: Any, *, axes: ReductionAxes = None, units: UnitRule = "
     [[5.0, 1.0]]
   """
   _checks.choice("units", units, get_args(UnitRule))
+  if axes is not None and not callable(axes):
+    raise TypeError(f"`axes` must be None or a function from a leaf to its axes, got {axes!r}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   leaves = float_leaves(tree, "unitwise_norms")
   reduce = []

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from clipax import _checks
@@ -136,13 +137,36 @@ def _dtype(leaf: Any) -> jnp.dtype:
 def _check_real(tree: Any, what: str) -> None:
   """Rejects complex (and other non-real-floating) leaves with a TypeError naming the leaf."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = _dtype(leaf)
+    try:
+      dtype = None if isinstance(leaf, (str, bytes)) else _dtype(leaf)
+    except TypeError:
+      dtype = None
+    if dtype is None or np.dtype(dtype).kind in "OSU":
+      raise TypeError(
+          f"spam: {what} leaf {_path(path)} is {leaf!r:.60} of type {type(leaf).__name__}, "
+          "not a floating array")
     if not jnp.issubdtype(dtype, jnp.floating):
       kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
       raise TypeError(
           f"spam: {what} leaf {_path(path)} has {kind} dtype {dtype}; spam supports real "
           "floating leaves only"
       )
+
+
+def _check_params(params: Any, updates: Any) -> None:
+  """Weight decay pairs each parameter with its gradient: same structure and shapes, or a
+  ValueError naming both (a broadcastable shape would silently decay the wrong way)."""
+  treedef, p_def = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(params)
+  if treedef != p_def:
+    raise ValueError(
+        f"spam: `params` do not have the structure of the gradients: params {p_def} vs "
+        f"gradients {treedef}")
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, g), p in zip(flat, treedef.flatten_up_to(params), strict=True):
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(
+          f"spam: parameter leaf {_path(path)} has shape {jnp.shape(p)} but its gradient has "
+          f"shape {jnp.shape(g)}")
 
 
 def _check_matches(updates: Any, state: SpamState) -> tuple[Any, list, list, list]:
@@ -317,6 +341,8 @@ def spam(
     if params is not None:
       _check_real(params, "parameter")
     treedef, grads, mus, nus = _check_matches(updates, state)
+    if params is not None and not no_decay:
+      _check_params(params, updates)
     with jax.named_scope("clipax/spam"):
       return _step(treedef, grads, mus, nus, state, params, no_decay)
 

@@ -60,7 +60,32 @@ PUBLISHED = {
     "rare_loss": (4.67, 5.97),
     "b_accuracy": (0.0, 0.0),
 }
-"""The published (no clip, clip) values for the 99:1, lr 0.1 scenario (S1), one seed."""
+"""The published (no clip, clip) values for the 99:1, lr 0.1 scenario (S1), one seed, from
+:data:`PUBLISHED_SOURCE`."""
+
+PUBLISHED_SOURCE = "seed page seed-003"
+"""Where :data:`PUBLISHED` comes from: the project's seed page ``seed-003``, one run of the S1
+setup (:data:`PUBLISHED_SETUP`) with one seed. Its initialisation, data order and definition of
+the effective dimension are not recorded in this repository."""
+
+PUBLISHED_NOTES = {
+    "weight_norm_std": (
+        "the std over the whole run measures the slow drift of ||w|| (the output layer and the "
+        "bias grow while the model learns to predict the frequent class A, see "
+        "imbalance_weight_norm.png) more than the yanks, so it depends on the initial weights "
+        "and the run's length; the published run's initialisation is not recorded"
+    ),
+    "eff_dim_std": (
+        "the published run's definition of the effective dimension is not recorded; with the one "
+        "here (exp of the entropy of the covariance eigenvalues of the embedding's rows, at most "
+        "n_tokens - 1 = 3) the S1 embedding's shape hardly changes"
+    ),
+    "rare_loss": (
+        "its level depends on the data order and the initialisation, neither recorded with the "
+        "published run"
+    ),
+}
+"""Why a measured row can differ from :data:`PUBLISHED`, for the note under the table."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +103,10 @@ class Scenario:
   n_rare: int
   lr: float
   epochs: int
+
+
+PUBLISHED_SETUP = Scenario("S1 99:1 lr0.1", n_rare=10, lr=0.1, epochs=5)
+"""The setup of the published run (the first scenario of the default :class:`Config`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +296,8 @@ def run(config: Config, *, seeds: int | Iterable[int] = 10, progress: bool = Tru
     progress: show a tqdm bar over the epochs of all scenarios.
 
   Returns:
-    ``{"experiment": "imbalance", "config", "seeds", "arms", "scenarios": {name: {"n_rare", "lr",
+    ``{"experiment": "imbalance", "config", "seeds", "arms", "published" ({metric: [no clip,
+    clip]}), "published_source", "published_setup", "scenarios": {name: {"n_rare", "lr",
     "epochs", "per_seed": {arm: {metric: [value per seed]}}, "median": {arm: {metric: median}},
     "ratio": {metric: median none / median clip}, "curves": {"weight_norm": {arm: [...]},
     "eff_dim": {arm: [...]}, "rare_steps": [...]}}}}``; the curves are those of the first seed.
@@ -331,6 +361,8 @@ def run(config: Config, *, seeds: int | Iterable[int] = 10, progress: bool = Tru
       "seeds": seed_ids,
       "arms": list(ARMS),
       "published": {m: list(v) for m, v in PUBLISHED.items()},
+      "published_source": PUBLISHED_SOURCE,
+      "published_setup": dataclasses.asdict(PUBLISHED_SETUP),
       "scenarios": scenarios,
   }
 
@@ -347,8 +379,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def table(result: dict) -> str:
   """A markdown table: per scenario and metric, the medians over the seeds, the ratio
-  no-clip/clip and the published value (S1 only)."""
-  header = ["scenario", "metric", "no clip", "clip", "ratio", "published (no clip / clip)"]
+  no-clip/clip and the published value (first scenario only), then a note comparing every
+  published row with the range of the seeds measured here."""
+  source = result.get("published_source", PUBLISHED_SOURCE)
+  header = [
+      "scenario", "metric", "no clip", "clip", "ratio",
+      f"published, {source} (no clip / clip)",
+  ]
   rows = []
   first = next(iter(result["scenarios"]), None)
   for name, sc in result["scenarios"].items():
@@ -363,45 +400,180 @@ def table(result: dict) -> str:
           "-" if published is None else f"{published[0]:g} / {published[1]:g}",
       ])
   caption = (
-      f"Medians over {len(result['seeds'])} seeds; ratio = no clip / clip; published values are "
-      "for the first scenario (one seed)."
+      f"Medians over {len(result['seeds'])} seeds; ratio = no clip / clip; effective dim = "
+      "exp(entropy of the normalised covariance eigenvalues of the embedding's rows), sampled "
+      f"every {result['config']['eff_dim_every']} steps."
   )
-  return _common.markdown(header, rows) + "\n\n" + caption
+  text = _common.markdown(header, rows) + "\n\n" + caption
+  if first is not None and result["published"]:
+    text += "\n\n" + published_note(result)
+  return text
+
+
+def published_note(result: dict) -> str:
+  """The note under the table: where the published numbers come from, which rows agree with
+  the seeds measured here (the published value inside their min-max range, in both arms) and,
+  for each row that differs, the numbers and the likely reason."""
+  name, sc = next(iter(result["scenarios"].items()))
+  setup = result.get("published_setup", dataclasses.asdict(PUBLISHED_SETUP))
+  source = result.get("published_source", PUBLISHED_SOURCE)
+  n = len(result["seeds"])
+  lines = [
+      f"Published: {source}, one run (one seed) of S1 ({setup['n_rare']} rare samples, lr "
+      f"{setup['lr']:g}, {setup['epochs']} epochs); measured: the {n} seeds here."
+  ]
+  mine = {"n_rare": sc["n_rare"], "lr": sc["lr"], "epochs": sc["epochs"]}
+  other = {k: setup[k] for k in mine}
+  if mine != other:
+    lines.append(
+        f"This run's {name} ({mine['n_rare']} rare, lr {mine['lr']:g}, {mine['epochs']} epochs) "
+        "is not the published setup (a --quick run?): compare with care."
+    )
+  agree, differ = [], []
+  for m, pub in result["published"].items():
+    lo_hi = [_range(sc["per_seed"][arm][m]) for arm in ARMS]
+    inside = all(
+        r is not None and r[0] - 0.01 * abs(p) <= p <= r[1] + 0.01 * abs(p)
+        for p, r in zip(pub, lo_hi, strict=True)
+    )
+    if inside:
+      agree.append(LABELS[m])
+      continue
+    ranges = " / ".join("-" if r is None else f"{r[0]:.3g}-{r[1]:.3g}" for r in lo_hi)
+    med = " / ".join(_common.fmt(sc["median"][arm][m]) for arm in ARMS)
+    line = (
+        f"- {LABELS[m]}: published {pub[0]:g} / {pub[1]:g}, measured {med} (median; seeds "
+        f"{ranges}): outside the seeds' range."
+    )
+    line += " " + _direction(sc, m, pub, n)
+    if m in PUBLISHED_NOTES:
+      line += f" Why it can differ: {PUBLISHED_NOTES[m]}."
+    differ.append(line)
+  if agree:
+    lines.append(
+        "Agree (published value inside the seeds' range, both arms): " + ", ".join(agree) + "."
+    )
+  if differ:
+    lines.append("Differ:")
+    lines += differ
+  return "\n".join(lines)
+
+
+def _range(values: list) -> tuple[float, float] | None:
+  xs = _floats(values)
+  xs = xs[np.isfinite(xs)]
+  return (float(xs.min()), float(xs.max())) if xs.size else None
+
+
+def _direction(sc: dict, metric: str, pub: list, n: int) -> str:
+  """Whether the seeds here agree with the published run on which arm is larger."""
+  none, clip = _floats(sc["per_seed"]["none"][metric]), _floats(sc["per_seed"]["clip"][metric])
+  if metric == "rare_loss":
+    gap, published = float(np.nanmedian(clip - none)), pub[1] - pub[0]
+    same = abs(gap - published) <= 0.15 * abs(published)
+    return (
+        f"Clipping changes it by {gap:+.2f} here (median over seeds) and by {published:+.2f} in "
+        "the published run" + (": the effect agrees, the level differs." if same else ".")
+    )
+  if pub[1] == pub[0]:
+    same = int(np.sum(clip == none))
+    return f"Published: the same with and without clipping; here in {same} of {n} seeds."
+  word, here = ("smaller", clip < none) if pub[1] < pub[0] else ("larger", clip > none)
+  return f"Published: {word} with clipping; here {word} in {int(np.sum(here))} of {n} seeds."
+
+
+def _max_eff_dim(config: dict) -> int:
+  """The largest possible effective dimension: the rank of the centred embedding."""
+  return min(config["n_tokens"] - 1, config["dim"])
 
 
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """The weight norm over training (first seed, rare samples marked) and the embedding's
   effective dimension, one panel per scenario for each. Returns the two PNG paths."""
+  from matplotlib.lines import Line2D
+
   plt = _common.pyplot()
   scenarios = result["scenarios"]
   n = len(scenarios)
-  colors = {"none": "tab:red", "clip": "tab:blue"}
-  names = {"none": "no clipping", "clip": "clip_by_global_norm"}
-  fig, axes = plt.subplots(n, 1, figsize=(9, 2.6 * n), squeeze=False, layout="constrained")
+  seed = result["seeds"][0]
+  styles = {
+      "none": {"color": "tab:red", "ls": "-", "lw": 1.1},
+      "clip": {"color": "tab:blue", "ls": "--", "lw": 1.3},
+  }
+  names = {"none": "no clipping", "clip": f"clip_by_global_norm({result['config']['max_norm']:g})"}
+  fig, axes = plt.subplots(n, 1, figsize=(10, 2.7 * n + 0.8), squeeze=False,
+                           layout="constrained")
+  marked = False
   for ax, (name, sc) in zip(axes[:, 0], scenarios.items(), strict=True):
     for arm in ARMS:
-      ax.plot(sc["curves"]["weight_norm"][arm], color=colors[arm], lw=0.8, label=names[arm])
+      ax.plot(sc["curves"]["weight_norm"][arm], label=names[arm], **styles[arm])
     rare = sc["curves"]["rare_steps"]
+    med = sc["median"]
+    title = (
+        f"{name}: largest one-step change of ||w|| {_common.fmt(med['none']['max_weight_change'])}"
+        f" without clipping, {_common.fmt(med['clip']['max_weight_change'])} with (median over "
+        "seeds)"
+    )
     if len(rare) <= 100:  # beyond that the marks hide the curves
+      marked = True
       for t in rare:
-        ax.axvline(t, color="0.6", lw=0.4, alpha=0.4, zorder=0)
-      title = f"{name}: global weight norm, seed {result['seeds'][0]} (grey: rare B samples)"
+        ax.axvline(t, color="0.55", lw=0.7, alpha=0.6, zorder=0)
     else:
-      title = f"{name}: global weight norm, seed {result['seeds'][0]}"
+      title += f"; {len(rare)} rare samples, not marked"
     ax.set_title(title, fontsize=9)
-    ax.set_ylabel("||w||")
-    ax.legend(fontsize=8, loc="upper left")
-  axes[-1, 0].set_xlabel("step")
+    ax.set_ylabel("||w|| (global L2\nnorm of all weights)")
+  axes[-1, 0].set_xlabel(f"SGD step (one sample per step; seed {seed})")
+  handles = [Line2D([], [], label=names[arm], **styles[arm]) for arm in ARMS]
+  if marked:
+    handles.append(Line2D([], [], color="0.55", lw=0.7, label="a rare B sample"))
+  fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=9, frameon=False)
+  ratios = [sc["ratio"]["max_weight_change"] for sc in scenarios.values()]
+  ratios = [r for r in ratios if r is not None]
+  span = f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "?"
+  fig.suptitle(
+      "Without clipping each rare sample yanks the weights (the drops at the grey lines); "
+      f"clipping makes the largest one-step change {span} smaller",
+      fontsize=10.5,
+  )
   paths = [_common.save(fig, out_dir, "imbalance_weight_norm.png")]
-  fig, axes = plt.subplots(1, n, figsize=(4 * n, 3), squeeze=False, layout="constrained")
+
+  fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 3.9), squeeze=False, sharey=True,
+                           layout="constrained")
   every = result["config"]["eff_dim_every"]
+  top = _max_eff_dim(result["config"])
+  values = [v for sc in scenarios.values() for arm in ARMS for v in sc["curves"]["eff_dim"][arm]]
+  moves = {arm: (0.0, "") for arm in ARMS}
   for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
-    for arm in ARMS:
-      eff = sc["curves"]["eff_dim"][arm]
-      ax.plot(np.arange(len(eff)) * every, eff, color=colors[arm], label=names[arm])
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel("step")
-  axes[0, 0].set_ylabel("effective dim of embedding")
-  axes[0, 0].legend(fontsize=8)
+    for k, (arm, marker) in enumerate(zip(ARMS, ("o", "s"), strict=True)):
+      eff = np.asarray(sc["curves"]["eff_dim"][arm], np.float64)
+      move = float(np.max(np.abs(eff - eff[0])))
+      moves[arm] = max(moves[arm], (move, name))
+      # Markers at alternating samples, the dashed line on top: both show where they coincide.
+      gap = max(len(eff) // 10, 1)
+      ax.plot(np.arange(len(eff)) * every, eff, marker=marker, ms=4, zorder=2 + k,
+              markevery=((k * gap) // 2, gap), **styles[arm])
+    ax.axhline(top, color="k", lw=1, ls=":")
+    ax.set_title(name, fontsize=9.5)
+    ax.set_xlabel(f"SGD step (seed {seed})")
+  # A fixed relative span, the top fifth of the possible range, so that a change of a few
+  # thousandths does not fill the panel; wider if the data needs it.
+  low = min(0.8 * top, min(values, default=top) - 0.05 * top)
+  axes[0, 0].set_ylim(low, 1.04 * top)
+  axes[0, 0].set_ylabel(
+      "effective dimension of the embedding\n= exp(entropy of its normalised\n"
+      f"covariance eigenvalues); max {top}"
+  )
+  handles = [Line2D([], [], marker=mk, ms=3.5, label=names[arm], **styles[arm])
+             for arm, mk in zip(ARMS, ("o", "s"), strict=True)]
+  handles.append(Line2D([], [], color="k", lw=1, ls=":",
+                        label=f"maximum: {top} directions ({result['config']['n_tokens']} "
+                              "centred rows)"))
+  fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=9, frameon=False)
+  (clip, _), (none, worst) = moves["clip"], moves["none"]
+  fig.suptitle(
+      f"With clipping the embedding's effective dimension stays within {clip:.3f} of its start; "
+      f"without, it moves by up to {none:.3f} ({worst}), out of a maximum of {top}",
+      fontsize=10.5,
+  )
   paths.append(_common.save(fig, out_dir, "imbalance_effective_dim.png"))
   return paths

@@ -7,9 +7,15 @@ entropy rate, the *floor*) is known exactly. Every ``bad_every`` steps the batch
 bad one (random tokens, loss multiplied by ``bad_scale``): a deterministic gradient spike.
 
 Arms: no clipping, ``clip_by_global_norm(1.0)``, and whichever of ``zclip``, ``autoclip`` and
-``skip_spikes`` this version of clipax provides. Per arm: final loss, loss spikes (loss > 2x its
-running median), divergence, clip and skip rates (from :func:`clipax.metrics`) and the
+``skip_spikes`` this version of clipax provides. Per arm: final loss, loss spikes (see
+:func:`excursions`: runs of good-batch losses above ``spike_factor`` times their running median,
+counted once each), divergence, clip and skip rates (from :func:`clipax.metrics`) and the
 :func:`clipax.diagnose` verdict.
+
+The model is trained through the functional NNX API: ``nnx.split`` once, then one ``jax.jit`` of
+the forward and backward pass shared by every arm and one per arm for the optax update. It computes
+what ``nnx.Optimizer.update`` does, without ``nnx.jit``'s per-call cost (most of the run time of a
+model this small).
 """
 
 from __future__ import annotations
@@ -56,8 +62,15 @@ class Config:
     bad_every: a bad batch every this many steps (at steps ``bad_every``, ``2 * bad_every``, ...).
     bad_scale: the bad batch's loss multiplier.
     max_norm: the fixed clipping threshold.
-    spike_factor: a loss spike is a loss above this times its running median.
-    median_window: the running median's window, in steps.
+    spike_factor: a good batch's loss above this times the median of the previous
+      ``median_window`` good batches' losses starts or continues a loss spike (see
+      :func:`excursions`). 1.25, a 25% rise: the batch-to-batch noise of the loss of a model that
+      is learning normally stays well below it (the clipped arms reach at most 1.07x at the
+      default size, 1.13x in the quick one), while the setback after an unclipped bad batch, the
+      rise the plot shows, reaches 1.4x-1.6x. At 2x none of the setbacks would count, at 1.5x at
+      most one per run.
+    median_window: the running median's window, in good steps; flagged steps closer than this
+      belong to one spike.
   """
 
   vocab: int = 64
@@ -77,7 +90,7 @@ class Config:
   bad_every: int = 125
   bad_scale: float = 1e3
   max_norm: float = 1.0
-  spike_factor: float = 2.0
+  spike_factor: float = 1.25
   median_window: int = 25
 
   @classmethod
@@ -225,30 +238,33 @@ def count_params(model: nnx.Module) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
 
 
-@functools.partial(nnx.jit, static_argnames="order")
-def _grads(model: Transformer, tokens: jax.Array, scale: jax.Array, *, order: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "order"))
+def _grads(params, rest, tokens: jax.Array, scale: jax.Array, *, graphdef, order: int):
   """The mean next-token cross-entropy (predicting tokens ``order`` onwards, whose whole context
-  is in the sequence) and the gradients of ``scale`` times it. Shared by every arm."""
+  is in the sequence) and the gradients of ``scale`` times it, for the model
+  ``nnx.merge(graphdef, params, rest)``. Compiled once for every arm and seed of a config."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-  def loss_fn(model):
-    logits = model(inputs)[:, order - 1 :]
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params, rest)(inputs)[:, order - 1 :]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets[:, order - 1 :])
     ce = jnp.mean(ce)
     return ce * scale, ce
 
-  (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return ce, grads, clipax.global_norm(grads)
 
 
-@nnx.jit
-def _update(model: Transformer, optimizer: nnx.Optimizer, grads) -> dict:
-  """``optimizer.update(model, grads)``; returns the clipax metrics of the new optimizer state.
+def _updater(tx: optax.GradientTransformation):
+  """The jitted optimizer step of one arm: ``(params, opt_state, grads) -> (params, opt_state,
+  clipax metrics of the new state)``, what ``nnx.Optimizer.update`` computes."""
 
-  Kept apart from :func:`_grads` so that the forward and backward pass compile once for all arms.
-  """
-  optimizer.update(model, grads)
-  return clipax.metrics(optimizer.opt_state)
+  @jax.jit
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, clipax.metrics(opt_state)
+
+  return update
 
 
 # --- the experiment ------------------------------------------------------------------------------
@@ -267,28 +283,70 @@ def median_ratios(losses: np.ndarray, is_bad: np.ndarray, window: int) -> dict[i
 
 def spikes(losses: np.ndarray, is_bad: np.ndarray, factor: float, window: int) -> np.ndarray:
   """Steps whose loss is above ``factor`` times the median of the previous ``window`` good
-  steps' losses, or not finite (bad batches themselves are not counted, nor used in the median)."""
+  steps' losses, or not finite (bad batches themselves are not counted, nor used in the median).
+
+  Every flagged step, a long setback flags many: :func:`excursions` groups them into spikes."""
   ratios = median_ratios(losses, is_bad, window)
   return np.array(
       [t for t, r in ratios.items() if not (np.isfinite(losses[t]) and r <= factor)], np.int64
   )
 
 
+def excursions(
+    losses: np.ndarray, is_bad: np.ndarray, factor: float, window: int
+) -> list[tuple[int, int]]:
+  """The loss spikes: the steps of :func:`spikes` grouped into excursions, ``(first, last)``
+  flagged step of each.
+
+  A flagged step at most ``window`` steps after the previous flagged one continues that one's
+  excursion, so a setback that lasts (or dips under the line for a few steps) counts once.
+
+  Examples:
+    >>> import numpy as np
+    >>> losses = np.array([1.0] * 30 + [3.0, 3.0, 1.0, 3.0] + [1.0] * 40 + [3.0])
+    >>> excursions(losses, np.zeros(losses.size, bool), 1.25, 25)
+    [(30, 33), (74, 74)]
+  """
+  out: list[list[int]] = []
+  for t in spikes(losses, is_bad, factor, window).tolist():
+    if out and t - out[-1][1] <= window:
+      out[-1][1] = t
+    else:
+      out.append([t, t])
+  return [(first, last) for first, last in out]
+
+
+def spike_definition(config: Config | dict) -> str:
+  """The loss-spike rule in words, for tables and captions."""
+  c = dataclasses.asdict(config) if isinstance(config, Config) else config
+  return (
+      f"a loss spike is a run of good batches whose loss is above {c['spike_factor']:g}x the "
+      f"median of the previous {c['median_window']} good batches' losses (or not finite), "
+      f"counted once however long it lasts (flagged steps at most {c['median_window']} steps "
+      "apart are one spike); the bad batches' own losses are neither counted nor in the median"
+  )
+
+
 def _train_arm(config: Config, arm: str, seed: int, batches, progress: bool, desc: str) -> dict:
   tokens, scale, is_bad, _ = batches
-  model = make_model(config, seed)
-  optimizer = nnx.Optimizer(model, make_tx(config, arm), wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(make_model(config, seed), nnx.Param, ...)
+  tx = make_tx(config, arm)
+  opt_state = tx.init(params)
+  update = _updater(tx)
+  tokens, scale = jnp.asarray(tokens), jnp.asarray(scale)
   losses, norms, history = [], [], []
   for t in _common.progress_bar(range(config.steps), enabled=progress, desc=desc):
-    batch, loss_scale = jnp.asarray(tokens[t]), jnp.float32(scale[t])
-    ce, grads, norm = _grads(model, batch, loss_scale, order=config.order)
-    history.append(_update(model, optimizer, grads))
+    ce, grads, norm = _grads(
+        params, rest, tokens[t], scale[t], graphdef=graphdef, order=config.order
+    )
+    params, opt_state, m = update(params, opt_state, grads)
+    history.append(m)
     losses.append(ce)
     norms.append(norm)
   losses = np.asarray(jax.device_get(losses), np.float64)
   norms = np.asarray(jax.device_get(norms), np.float64)
   history = jax.device_get(history)
-  final = clipax.metrics(optimizer.opt_state)
+  final = clipax.metrics(opt_state)
   return {"loss": losses, "grad_norm": norms, "history": history, "final_metrics": final}
 
 
@@ -317,11 +375,13 @@ def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True
 
   Returns:
     ``{"experiment": "spiky_lm", "config", "seeds", "arms", "missing_arms", "n_params", "floor",
-    "floors", "start_loss", "bad_steps", "results": {arm: {"final_loss", "gap_to_floor", "spikes",
-    "peak_ratio", "diverged", "clip_rate", "skip_rate", "max_grad_norm", "loss", "grad_norm",
-    "clipped", "skipped", "spike_steps", "verdict", "status", "per_seed": {metric: [value per
-    seed]}}}}``; the curves and the verdict are those of the first seed, the summary
-    numbers are medians over the seeds (``diverged``: any seed).
+    "floors", "start_loss", "bad_steps", "spike_definition", "results": {arm: {"final_loss",
+    "gap_to_floor", "spikes", "peak_ratio", "diverged", "clip_rate", "skip_rate",
+    "max_grad_norm", "loss", "grad_norm", "clipped", "skipped", "spike_steps",
+    "spike_excursions", "verdict", "status", "per_seed": {metric: [value per seed]}}}}``; the
+    curves, the spike steps and excursions (``[first, last]`` step of each loss spike, see
+    :func:`excursions`) and the verdict are those of the first seed, the summary numbers are
+    medians over the seeds (``spikes``: the number of excursions; ``diverged``: any seed).
   """
   seed_ids = _common.seed_list(seeds)
   arms = available_arms()
@@ -340,6 +400,7 @@ def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True
         loss = out["loss"]
         good = loss[~is_bad]
         spike_steps = spikes(loss, is_bad, config.spike_factor, config.median_window)
+        spike_runs = excursions(loss, is_bad, config.spike_factor, config.median_window)
         ratios = list(median_ratios(loss, is_bad, config.median_window).values())
         final_loss = float(np.mean(good[-tail:]))
         diverged = bool(not np.all(np.isfinite(loss)) or not final_loss <= loss[0])
@@ -352,7 +413,7 @@ def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True
         row = {
             "final_loss": final_loss,
             "gap_to_floor": final_loss - batches[3],
-            "spikes": int(spike_steps.size),
+            "spikes": len(spike_runs),
             "peak_ratio": max(ratios, default=float("nan")),
             "diverged": diverged,
             "clip_rate": _rate(out["final_metrics"], "clip_rate"),
@@ -369,6 +430,7 @@ def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True
               "clipped": [int(t) for t in np.flatnonzero(clipped)],
               "skipped": [int(t) for t in np.flatnonzero(skipped)],
               "spike_steps": [int(t) for t in spike_steps],
+              "spike_excursions": [[int(a), int(b)] for a, b in spike_runs],
               "verdict": None if verdict is None else str(verdict),
               "status": None if verdict is None else verdict.status,
           }
@@ -393,38 +455,43 @@ def run(config: Config, *, seeds: int | Iterable[int] = 1, progress: bool = True
       "floors": _common.numbers(floors),
       "start_loss": _common.number(starts[0]) if starts else None,
       "bad_steps": [int(t) for t in np.flatnonzero(is_bad)],
+      "spike_definition": spike_definition(config),
       "results": results,
   }
 
 
 def table(result: dict) -> str:
-  """A markdown table, one row per arm, with the source's loss floor in the caption, then the
-  :func:`clipax.diagnose` verdict of each arm that has a clipax state."""
+  """A markdown table, one row per arm, with the source's loss floor and the loss-spike rule in
+  the caption, then the :func:`clipax.diagnose` verdict of each arm that has a clipax state."""
+  c = result["config"]
   header = [
-      "arm", "final loss", "gap to floor", "loss spikes", "worst loss / running median",
-      "diverged", "clip rate", "skip rate", "verdict",
+      "arm", "final loss", "gap to floor", f"loss spikes (> {c['spike_factor']:g}x running median)",
+      "spikes start at step (first seed)", "worst loss / running median", "diverged",
+      "clip rate", "skip rate", "verdict",
   ]
   rows = []
   for arm, r in result["results"].items():
+    starts = ", ".join(str(first) for first, _ in r["spike_excursions"])
     rows.append([
         arm,
         _common.fmt(r["final_loss"]),
         _common.fmt(r["gap_to_floor"]),
         _common.fmt(r["spikes"], 0),
+        starts or "-",
         _common.fmt(r["peak_ratio"], 2),
         "yes" if r["diverged"] else "no",
         _common.fmt(r["clip_rate"]),
         _common.fmt(r["skip_rate"]),
         r["status"] or "-",
     ])
-  c = result["config"]
   caption = (
       f"{result['n_params']:,} parameters, {c['steps']} AdamW steps (lr {c['lr']:g}), batch "
       f"{c['batch_size']} x {c['seq_len']} tokens, bad batch (loss x {c['bad_scale']:g}) every "
       f"{c['bad_every']} steps; loss floor (entropy rate of the source) "
       f"{_common.fmt(result['floor'])} nats, start loss {_common.fmt(result['start_loss'])}; "
       f"final loss = mean of the last {max(10, c['steps'] // 20)} good steps; medians over "
-      f"{len(result['seeds'])} seed(s)."
+      f"{len(result['seeds'])} seed(s). Loss spikes: {result['spike_definition']} (the "
+      "triangles in the plot)."
   )
   if result["missing_arms"]:
     caption += f" Not in this version of clipax: {', '.join(result['missing_arms'])}."
@@ -437,36 +504,122 @@ def table(result: dict) -> str:
   return text
 
 
+STYLES = {
+    "none": {"color": "tab:blue", "ls": "-", "lw": 1.4, "marker": None},
+    "clip_by_global_norm": {"color": "tab:orange", "ls": "-", "lw": 3.4, "alpha": 0.5,
+                            "marker": "o"},
+    "zclip": {"color": "tab:green", "ls": "--", "lw": 1.5, "marker": "s"},
+    "autoclip": {"color": "tab:red", "ls": "-.", "lw": 1.3, "marker": "^"},
+    "skip_spikes": {"color": "tab:purple", "ls": ":", "lw": 2.0, "marker": "D"},
+}
+"""Line style per arm: the clipped arms' curves lie on top of each other, so each has its own
+dash pattern and markers at its own steps (a wide pale line for the one drawn underneath)."""
+
+
+def _takeaway(result: dict) -> str:
+  """The plot's one-line conclusion, from the first seed's spike counts."""
+  counts = {arm: len(r["spike_excursions"]) for arm, r in result["results"].items()}
+  n_bad = len(result["bad_steps"])
+  none = counts.pop("none", None)
+  head = (
+      f"Without clipping the {n_bad} bad batches cause {none} loss spike{'' if none == 1 else 's'}"
+      if none is not None else f"{n_bad} bad batches"
+  )
+  if counts and not any(counts.values()):
+    return f"{head}; every clipper and guard absorbs them (0 spikes)"
+  hit = ", ".join(f"{arm} {n}" for arm, n in counts.items() if n)
+  return f"{head}; spikes with protection: {hit or 'none'}"
+
+
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Loss and gradient-norm curves per arm (first seed); bad batches as grey lines, clipped steps
-  as dots, skipped steps as crosses."""
+  """Loss (good batches) and pre-clip gradient norm per arm (first seed), then a strip of the
+  clipped and skipped steps per arm. Bad batches are grey dashed lines, counted loss spikes
+  triangles; the legend sits outside the axes."""
+  from matplotlib.lines import Line2D
+  from matplotlib.ticker import FuncFormatter, NullFormatter
+
   plt = _common.pyplot()
   arms = list(result["results"])
-  fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True, layout="constrained")
-  cmap = plt.get_cmap("tab10")
+  bad = result["bad_steps"]
+  fig, axes = plt.subplots(
+      3, 1, figsize=(12, 9.5), sharex=True, layout="constrained",
+      gridspec_kw={"height_ratios": [3, 2.6, 1.3]},
+  )
+  ax_loss, ax_norm, ax_events = axes
+  steps = len(next(iter(result["results"].values()))["loss"])
+  every = max(steps // 12, 1)
+  handles = []
+  rows = [arm for arm in arms if arm != "none"]
   for i, arm in enumerate(arms):
     r = result["results"][arm]
-    color = cmap(i)
+    style = dict(STYLES.get(arm, {"color": f"C{i}", "ls": "-", "lw": 1.4, "marker": None}))
+    marker = style.pop("marker")
+    marks = {} if marker is None else {
+        "marker": marker, "ms": 6, "markevery": ((i * every) // len(arms), every),
+        "markeredgecolor": "k", "markeredgewidth": 0.5,
+    }
     loss = np.array([np.nan if v is None else v for v in r["loss"]])
     norm = np.array([np.nan if v is None else v for v in r["grad_norm"]])
-    axes[0].plot(loss, color=color, lw=0.8, label=arm)
-    axes[1].plot(norm, color=color, lw=0.8, label=arm)
-    if r["clipped"]:
-      axes[1].plot(r["clipped"], norm[r["clipped"]], ".", color=color, ms=2.5)
+    good = np.setdiff1d(np.arange(loss.size), bad)
+    (line,) = ax_loss.plot(good, loss[good], label=arm, **style, **marks)
+    ax_loss.plot(bad, loss[bad], "o", color=style["color"], ms=7, markeredgecolor="k", zorder=5)
+    ax_norm.plot(norm, **style, **marks)
+    handles.append(line)
+    top = np.nanmax(loss[good]) if np.isfinite(loss[good]).any() else 1.0
+    for first, last in r["spike_excursions"]:
+      span = good[(good >= first) & (good <= last)]
+      span = span[np.isfinite(loss[span])]  # a diverged run: mark its first step, at the top
+      peak, height = (span[np.argmax(loss[span])], loss[span].max()) if span.size else (first, top)
+      ax_loss.plot(peak, height * 1.04, "v", color=style["color"], ms=12, markeredgecolor="k",
+                   zorder=6)
     if r["skipped"]:
-      axes[1].plot(r["skipped"], norm[r["skipped"]], "x", color=color, ms=6)
+      ax_norm.plot(r["skipped"], norm[r["skipped"]], "X", color=style["color"], ms=12,
+                   markeredgecolor="k", zorder=6)
+    if arm in rows:
+      row = len(rows) - 1 - rows.index(arm)
+      ax_events.plot(r["clipped"], np.full(len(r["clipped"]), row), "|", color=style["color"],
+                     ms=11, mew=1.6)
+      ax_events.plot(r["skipped"], np.full(len(r["skipped"]), row), "X", color=style["color"],
+                     ms=11, markeredgecolor="k")
+  ref_arm = arms[0]
   for ax in axes:
-    for t in result["bad_steps"]:
-      ax.axvline(t, color="0.5", lw=0.8, ls="--", zorder=0)
-    ax.set_yscale("log")
+    for t in bad:
+      ax.axvline(t, color="0.5", lw=0.9, ls="--", zorder=0)
   if result["floor"] is not None:
-    axes[0].axhline(result["floor"], color="k", lw=0.8, ls=":", label="floor")
-  axes[0].set_ylabel("training loss (nats)")
-  axes[0].legend(fontsize=8, ncol=3)
-  axes[0].set_title(
-      "spiky LM: dashed lines are bad batches; dots clipped steps, crosses skipped steps",
-      fontsize=10,
-  )
-  axes[1].set_ylabel("gradient norm (pre-clip)")
-  axes[1].set_xlabel("step")
+    ax_loss.axhline(result["floor"], color="k", lw=1.0, ls=":")
+  c = result["config"]
+  ax_norm.axhline(c["max_norm"], color="0.3", lw=1.0, ls=(0, (6, 3)))
+  handles += [
+      Line2D([], [], color="0.5", lw=0.9, ls="--", label="bad batch (random tokens)"),
+      Line2D([], [], color="0.55", marker="o", ls="", ms=7, markeredgecolor="k",
+             label="loss on the bad batch itself\n(arm's colour; not counted)"),
+      Line2D([], [], color="0.4", marker="v", ls="", ms=10, markeredgecolor="k",
+             label=f"counted loss spike\n(> {c['spike_factor']:g}x running median)"),
+      Line2D([], [], color="k", lw=1.0, ls=":", label="loss floor (entropy rate)"),
+      Line2D([], [], color="0.3", lw=1.0, ls=(0, (6, 3)),
+             label=f"max_norm = {c['max_norm']:g}\n(clip_by_global_norm)"),
+      Line2D([], [], color="0.3", marker="X", ls="", ms=10, markeredgecolor="k",
+             label="skipped step (guard)"),
+      Line2D([], [], color="0.3", marker="|", ls="", ms=10, mew=1.6, label="clipped step"),
+  ]
+  fig.legend(handles=handles, loc="outside right center", fontsize=8.5, frameon=False)
+  ax_loss.set_ylabel("training loss on good batches\n(nats per token)")
+  ax_loss.set_title("training loss (triangles: the loss spikes the table counts)", fontsize=10)
+  ax_norm.set_yscale("log")
+  ax_norm.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  ax_norm.yaxis.set_minor_formatter(NullFormatter())
+  ax_norm.set_ylabel("gradient norm before clipping\n(global L2, log scale)")
+  ref = np.array([np.nan if v is None else v for v in result["results"][ref_arm]["grad_norm"]])
+  if bad:
+    times = np.nanmedian(ref[bad]) / np.nanmedian(ref)
+    ax_norm.set_title(f"gradient norm before clipping: a bad batch's is about {times:,.0f}x the "
+                      f"median ({ref_arm})", fontsize=10)
+  else:
+    ax_norm.set_title("gradient norm before clipping", fontsize=10)
+  ax_events.set_yticks(range(len(rows)), rows[::-1])
+  ax_events.set_ylim(-0.6, len(rows) - 0.4)
+  ax_events.set_title("clipped (|) and skipped (X) steps per arm", fontsize=10)
+  ax_events.set_xlabel("training step")
+  ax_events.set_xlim(-0.01 * steps, 1.01 * steps)
+  fig.suptitle(_takeaway(result) + f" (seed {result['seeds'][0]}).", fontsize=11.5)
   return [_common.save(fig, out_dir, "spiky_lm.png")]
