@@ -273,19 +273,38 @@ def quickstart() -> list[nbformat.NotebookNode]:
           """),
       code("""
           import matplotlib.pyplot as plt
+          from matplotlib.ticker import FuncFormatter, NullFormatter
 
           norms = np.array([m["clip/norm"] for m in history])
           clipped = np.array([bool(m["clip/clipped"]) for m in history])
-          fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
-          ax1.semilogy(norms, lw=1, label="pre-clip gradient norm")
-          ax1.semilogy(np.flatnonzero(clipped), norms[clipped], "r.", ms=4, label="clipped")
-          ax1.axhline(MAX_NORM, color="k", ls="--", lw=1, label="max_norm")
-          ax1.set_xlabel("step")
-          ax1.legend(fontsize=8)
-          ax2.semilogy(losses, lw=1)
-          ax2.set_xlabel("step")
-          ax2.set_ylabel("training loss")
-          plt.tight_layout()
+          loss = np.array(losses)
+          steps = np.arange(len(norms))
+          bad = np.array([corrupted(step) for step in steps])
+          clean = loss[~bad]
+          k = max(len(clean) // 10, 1)
+
+          fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+          ax1.plot(steps, norms, lw=1, color="tab:blue", label="pre-clip gradient norm")
+          ax1.plot(steps[clipped], norms[clipped], "o", ms=6, mfc="none", mec="tab:red", mew=1.3,
+                   label=f"clipped step ({clipped.sum()} of {len(norms)})")
+          ax1.axhline(MAX_NORM, color="k", ls="--", lw=1, label=f"max_norm = {MAX_NORM:g}")
+          ax1.set_ylabel("global gradient norm before clipping\\n(log scale)")
+          ax1.set_title(f"clipped: {np.sum(clipped & bad)} of {bad.sum()} corrupted batches, "
+                        f"{np.sum(clipped & ~bad)} of {np.sum(~bad)} clean ones", fontsize=10)
+          ax2.plot(steps[~bad], clean, lw=1, color="tab:blue", label="clean batches")
+          ax2.plot(steps[bad], loss[bad], "x", ms=8, mew=1.5, color="tab:red",
+                   label="corrupted batches (labels x 30)")
+          ax2.set_ylabel("training loss: mean squared error\\n(log scale)")
+          ax2.set_title(f"clean-batch loss {clean[:k].mean():.3f} (first {k}) -> "
+                        f"{clean[-k:].mean():.3f} (last {k})", fontsize=10)
+          for ax in (ax1, ax2):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("training step")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+          fig.suptitle(f"clip_by_global_norm({MAX_NORM:g}) cuts the corrupted batches' gradients "
+                       f"(norms up to {norms.max():.0f}) down to the threshold")
           plt.show()
           """),
       md("""
@@ -343,31 +362,73 @@ def quickstart() -> list[nbformat.NotebookNode]:
           percentile), from norms logged with a loose threshold.
           """),
       code("""
+          runs = {}  # name -> (loss on the last clean batches, diagnose status)
+
+
           def report(name, run_losses, run_history):
-            print(f"{name}: loss on the last clean batches {clean_loss(run_losses):.4f}")
-            print("  ", clipax.diagnose(run_history))
+            verdict = clipax.diagnose(run_history)
+            runs[name] = (clean_loss(run_losses), verdict.status)
+            print(f"{name}: loss on the last clean batches {runs[name][0]:.4f}")
+            print("  ", verdict)
 
 
-          report(f"max_norm={MAX_NORM:g}", losses, history)
+          BASE, TIGHT = f"max_norm={MAX_NORM:g}", f"max_norm={MAX_NORM / 100:g}"
+          report(BASE, losses, history)
 
           _, _, tight_losses, tight = fit_nnx(clipax.clip_by_global_norm(MAX_NORM / 100))
-          report(f"max_norm={MAX_NORM / 100:g}", tight_losses, tight)
+          report(TIGHT, tight_losses, tight)
 
           _, _, loose_losses, loose = fit_nnx(clipax.clip_by_global_norm(1e6))
           report("max_norm=1e6 (never clips)", loose_losses, loose)
           suggested = clipax.suggest_max_norm([m["clip/norm"] for m in loose])
 
+          SUGGESTED = f"suggested max_norm={suggested:.3f}"
           _, _, tuned_losses, tuned = fit_nnx(clipax.clip_by_global_norm(suggested))
-          report(f"suggested max_norm={suggested:.3f}", tuned_losses, tuned)
+          report(SUGGESTED, tuned_losses, tuned)
           """),
       md("""
-          Read the losses with care: AdamW divides each update by a running estimate of the
-          gradient's scale, so a threshold that clips every step mostly cancels out and the loss
-          may barely change. What changes is the meaning: the optimizer is now fed normalized
-          gradients, and outliers are no longer treated differently from ordinary steps. With
-          SGD the same threshold would directly replace the learning rate. `diagnose` flags
-          both ends (`clipping_often`, and `never_clipping` once `min_steps` have passed) so
-          you can decide.
+          What do these numbers say? The cell below ranks the four runs by their loss on the last
+          clean batches and states, from this run's numbers, how far apart they are and where the
+          suggested threshold and the one `diagnose` flags land.
+          """),
+      code("""
+          ranked = sorted(runs.items(), key=lambda item: item[1][0])
+          print("loss on the last clean batches, lowest first:")
+          for name, (loss, status) in ranked:
+            print(f"  {loss:.4f}  {name:30s} diagnose: {status}")
+          (best, (low, _)), (worst, (high, _)) = ranked[0], ranked[-1]
+          print(f"\\nThe threshold changes this loss {high / low:.1f}x: from {low:.4f} ({best}) "
+                f"to {high:.4f} ({worst}).")
+          tuned_loss, base_loss = runs[SUGGESTED][0], runs[BASE][0]
+          print(f"The suggested threshold ({suggested:.3g}) ends at {tuned_loss:.4f}, "
+                f"{max(tuned_loss, base_loss) / min(tuned_loss, base_loss):.2f}x "
+                f"{'above' if tuned_loss > base_loss else 'below'} {BASE} ({base_loss:.4f}).")
+          for name, (loss, status) in runs.items():
+            if status == "clipping_often":
+              rank = [n for n, _ in ranked].index(name) + 1
+              print(f"{name} is flagged clipping_often; its loss ranks {rank} of {len(runs)} "
+                    f"({'the lowest' if rank == 1 else 'not the lowest'}).")
+          """),
+      md("""
+          How to read this. Every 25th batch here is corrupted, and its gradient is tens of times
+          the usual norm, so the threshold decides how much of it reaches AdamW: the lower the
+          threshold, the less, and the loss moves with the threshold by the factor printed
+          above. A threshold below nearly every norm does not stop training either: AdamW divides
+          each update by a running estimate of the gradient's scale, so clipping every step just
+          feeds it gradients of one fixed length (normalized gradients), in which a corrupted
+          batch weighs no more than a clean one. That is why the tightest threshold can end with
+          a low loss although `diagnose` flags it `clipping_often`: it is a different optimizer
+          (threshold and learning rate now set the step size together), not an outlier filter,
+          and it should be a deliberate choice. With SGD the same threshold would directly
+          replace the learning rate.
+
+          `suggest_max_norm` aims at the other use of clipping: leave ordinary steps alone and cut
+          only the outliers. Its threshold sits above most clean-batch norms (compare the clip
+          rate in its verdict with one batch in 25), and a clipped corrupted gradient still
+          reaches AdamW with the threshold's norm, so a higher threshold passes more of it.
+          `diagnose`
+          flags both ends (`clipping_often`, and `never_clipping` once `min_steps` have passed, or
+          `unclipped_spikes`) so you can decide.
           """),
       md("""
           ## Where next
@@ -469,7 +530,11 @@ def cliff() -> list[nbformat.NotebookNode]:
             a short step at a time and carries on along the valley to the minimum.
           * **Value clipping.** The steps are bounded too, but each coordinate is capped on its
             own, so the step turns away from the gradient (the angle column): for the same
-            number of steps it gets less far down the valley.
+            number of steps it gets less far down the valley. The second figure takes the
+            gradient where that turn is largest and runs it through `clip_by_global_norm` and
+            `clip_by_value`: the norm-clipped vector lands on the circle of radius `MAX_NORM` in
+            the gradient's own direction, the value-clipped one on the edge of the box
+            `[-MAX_VALUE, MAX_VALUE]^2`, at the angle printed on it.
 
           The numbers behind those sentences:
           """),
@@ -484,6 +549,11 @@ def cliff() -> list[nbformat.NotebookNode]:
                   f"mean angle to the gradient {fmt(r['mean_angle_deg'], 1)} deg")
           print()
           print(f"norm clipping bounds every step by LR * MAX_NORM = {LR * MAX_NORM:.3f}")
+          ex = result["value_vs_norm"]
+          vec = lambda v: "(" + ", ".join(fmt(x) for x in v) + ")"
+          print(f"the gradient of step {ex['step']} {vec(ex['grad'])}: norm-clipped "
+                f"{vec(ex['norm_clipped'])}, value-clipped {vec(ex['value_clipped'])}, "
+                f"{fmt(ex['angle_deg'], 1)} deg apart")
           """),
       md("""
           ## The same descent with the library's usual API
@@ -761,14 +831,16 @@ def adaptive_spiky_lm() -> list[nbformat.NotebookNode]:
             learned from the norms themselves, and the spike is clipped back into the normal
             band. During its warm-up (the first 25 steps) it clips at a fixed `max_norm`, which
             also stays in force afterwards as an absolute cap (1.0 by default).
-          * **`autoclip`.** Clipping to the 10th percentile of the last 1,000 norms means
-            clipping almost every step. It does catch the spike, but `diagnose` reports that the
-            threshold is doing the learning rate's job (`clipping_often`): that is how AutoClip
-            is meant to work, and why its percentile is a hyperparameter worth tuning.
+          * **`autoclip`.** Clipping to the 10th percentile of the last 1,000 norms clips a
+            large share of all steps (its clip rate in the table), the spike among them. For a
+            percentile rule that is by design, and `diagnose` says so: it reports the rate and
+            calls it `clipping_often` only above its `clip_rate_high`. The percentile sets how
+            much of every step is cut, which is why it is a hyperparameter worth tuning.
           * **`skip_spikes`.** Skipping is stronger than clipping: the bad batch does not move the
             weights or the optimizer's moments at all. But the guard must first learn what normal
-            looks like: it needs `window` accepted norms (128 by default) before it can call
+            looks like: it needs `warmup` accepted norms (16 by default) before it can call
             anything a spike, and a bad batch that comes earlier goes through as if unguarded.
+            The strip under the plot shows which steps it skipped.
 
           Guards and clippers compose. A guard for the rare catastrophic batch, with an adaptive
           clipper for the ordinary outliers, is one line, and `clipax.metrics` reports both

@@ -1,8 +1,9 @@
 """The demo experiments (small mode), the imbalance bands over seeds 0-9, and the command line.
 
 The whole demo runs once, in quick mode, through ``clipax.__main__.main`` (the module-scoped
-``demo`` fixture); the tests below read its JSON files. The imbalance bands run the full-size
-experiment, vmapped over seeds and arms (seconds).
+``demo`` fixture); the tests below read its JSON files and what its figures were drawn with
+(recorded as each PNG is saved). The imbalance bands run the full-size experiment, vmapped over
+seeds and arms (seconds).
 """
 
 from __future__ import annotations
@@ -24,20 +25,31 @@ import pytest
 from flax import nnx
 
 from clipax import __main__ as cli
-from clipax.experiments import cliff, imbalance, spiky_lm
+from clipax.experiments import _common, cliff, imbalance, spiky_lm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
-  """``clipax demo --quick`` (no experiment named: all of them) into a temporary folder."""
+  """``clipax demo --quick`` (no experiment named: all of them) into a temporary folder; the
+  matplotlib figure behind each PNG is kept (closed, after it was drawn) under ``figures``."""
   out = tmp_path_factory.mktemp("demo")
   stdout = io.StringIO()
-  with contextlib.redirect_stdout(stdout):
+  figures = {}
+  save = _common.save
+
+  def recording_save(fig, out_dir, name):
+    path = save(fig, out_dir, name)
+    figures[name] = fig
+    return path
+
+  with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+    mp.setattr(_common, "save", recording_save)
     status = cli.main(["--quick", "--out", str(out), "--no-progress"])
   results = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-  return {"status": status, "out": out, "stdout": stdout.getvalue(), "results": results}
+  return {"status": status, "out": out, "stdout": stdout.getvalue(), "results": results,
+          "figures": figures}
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -52,8 +64,10 @@ def test_demo_writes_tables_plots_and_json(demo):
   assert len(separators) == 3  # one markdown table per experiment
   pngs = sorted(p.name for p in demo["out"].glob("*.png"))
   assert pngs == [
-      "cliff.png", "imbalance_effective_dim.png", "imbalance_weight_norm.png", "spiky_lm.png"
+      "cliff.png", "imbalance_effective_dim.png", "imbalance_weight_norm.png", "spiky_lm.png",
+      "value_vs_norm.png",
   ]
+  assert sorted(demo["figures"]) == pngs
   for png in demo["out"].glob("*.png"):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for path in demo["out"].glob("*.json"):  # strict JSON: no NaN or Infinity
@@ -62,6 +76,75 @@ def test_demo_writes_tables_plots_and_json(demo):
 
 def _reject_constant(name: str):
   pytest.fail(f"non-finite number {name} in the JSON")
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text.replace("\N{MINUS SIGN}", "-"))
+  except ValueError:
+    return False
+  return True
+
+
+def test_every_demo_figure_reads_at_a_glance(demo):
+  for name, fig in demo["figures"].items():
+    assert len(fig.get_suptitle()) > 40, (name, "a one-line takeaway as the title")
+    assert fig.legends, (name, "a figure legend")
+    for ax in fig.axes:
+      assert ax.get_legend() is None, (name, "legends sit outside the axes, off the data")
+      if ax.get_label() == "<colorbar>":
+        assert "loss" in ax.get_ylabel(), name
+        continue
+      spec = ax.get_subplotspec()
+      ticks = [t.get_text() for t in ax.get_yticklabels() + ax.get_xticklabels()]
+      assert not any("$" in t or "^" in t for t in ticks), (name, "plain tick labels", ticks)
+      if spec.is_last_row():
+        assert ax.get_xlabel(), (name, "x label")
+      numeric = all(_is_number(t.get_text()) for t in ax.get_yticklabels() if t.get_text())
+      if spec.is_first_col() and numeric:
+        assert ax.get_ylabel(), (name, "y label")
+
+
+def test_spiky_lm_figure_shows_every_arm_and_its_events(demo):
+  fig = demo["figures"]["spiky_lm.png"]
+  result = demo["results"]["spiky_lm"]
+  loss_ax, _, events_ax = fig.axes
+  lines = {line.get_label(): line for line in loss_ax.get_lines()}
+  styles = {(lines[arm].get_linestyle(), lines[arm].get_marker()) for arm in result["arms"]}
+  assert len(styles) == len(result["arms"]), "a distinct dash pattern or marker per arm"
+  triangles = [line for line in loss_ax.get_lines() if line.get_marker() == "v"]
+  assert len(triangles) == sum(r["spikes"] for r in result["results"].values()) > 0
+  ticks = [mark for mark in events_ax.get_lines() if mark.get_marker() == "|"]
+  assert ticks and all(mark.get_markersize() >= 8 for mark in ticks)
+  assert [t.get_text() for t in events_ax.get_yticklabels()] == result["arms"][:0:-1]
+
+
+def test_imbalance_effective_dim_figure_is_defined_and_not_zoomed(demo):
+  fig = demo["figures"]["imbalance_effective_dim.png"]
+  top = min(imbalance.Config().n_tokens - 1, imbalance.Config().dim)
+  assert "exp(entropy" in fig.axes[0].get_ylabel()
+  limits = {ax.get_ylim() for ax in fig.axes}
+  assert len(limits) == 1, "one shared y axis"
+  low, high = limits.pop()
+  assert high - low >= 0.2 * top and high >= top
+
+
+def test_cliff_figures(demo):
+  config = cliff.Config.quick()
+  fig = demo["figures"]["cliff.png"]
+  assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+  surface = fig.axes[0]
+  starts = [line for line in surface.get_lines()
+            if line.get_markersize() >= 10 and tuple(line.get_xydata()[0]) == config.start]
+  assert starts, "a large start marker"
+  ex = demo["results"]["cliff"]["value_vs_norm"]
+  fig = demo["figures"]["value_vs_norm.png"]
+  assert f"{ex['angle_deg']:.1f} degrees" in fig.get_suptitle()
+  for ax in fig.axes:
+    assert ax.get_aspect() == 1.0
+    kinds = {type(patch).__name__: patch for patch in ax.patches}
+    assert kinds["Circle"].get_radius() == config.max_norm
+    assert kinds["Rectangle"].get_width() == 2 * config.max_value
 
 
 def test_demo_quick_uses_quick_configs(demo):
@@ -78,7 +161,9 @@ def test_module_entry_point_runs_one_experiment(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   assert "## cliff" in proc.stdout
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["cliff.json", "cliff.png"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "cliff.json", "cliff.png", "value_vs_norm.png"
+  ]
 
 
 def test_no_argument_runs_the_whole_demo(monkeypatch):
@@ -175,6 +260,34 @@ def test_imbalance_table_has_medians_ratios_and_published(imbalance_full):
   assert float(cells[4]) == pytest.approx(ratio, abs=0.006)
 
 
+def test_imbalance_table_names_its_source_and_explains_every_difference(imbalance_full):
+  text = imbalance.table(imbalance_full)
+  lines = text.splitlines()
+  assert lines[0].endswith("| published, seed page seed-003 (no clip / clip) |")
+  assert imbalance_full["published_source"] == imbalance.PUBLISHED_SOURCE == "seed page seed-003"
+  first = imbalance.Config().scenarios[0]
+  assert imbalance_full["published_setup"] == dataclasses.asdict(first)
+  assert "not the published setup" not in text
+  for m, (pub_none, pub_clip) in imbalance.PUBLISHED.items():
+    start = f"| {first.name} | {imbalance.LABELS[m]} |"
+    row = next(line for line in lines if line.startswith(start))
+    assert row.endswith(f"| {pub_none:g} / {pub_clip:g} |"), row
+    inside = all(
+        _per_seed(imbalance_full, first.name, arm, m).min() <= pub
+        <= _per_seed(imbalance_full, first.name, arm, m).max()
+        for arm, pub in zip(imbalance.ARMS, (pub_none, pub_clip), strict=True)
+    )
+    note = [line for line in lines if line.startswith(f"- {imbalance.LABELS[m]}: published")]
+    assert len(note) == (0 if inside else 1), (m, inside)
+    if note:
+      median = imbalance_full["scenarios"][first.name]["median"]
+      assert f"published {pub_none:g} / {pub_clip:g}" in note[0]
+      assert f"measured {median['none'][m]:.3f} / {median['clip'][m]:.3f}" in note[0]
+      assert "Why it can differ: " in note[0], m
+  weight = next(line for line in lines if line.startswith("- std of weight norm:"))
+  assert "published 0.64 / 0.22" in weight
+
+
 def _reference_sgd(params, tokens, labels, lr, max_norm):
   """float64 numpy per-sample SGD with global-norm clipping; the weight norm after each step."""
   emb, w, b = (np.asarray(params[k], np.float64).copy() for k in ("embedding", "kernel", "bias"))
@@ -239,6 +352,7 @@ def test_effective_dim_matches_covariance_eigenvalues():
 
 def test_imbalance_quick_story(demo):
   result = demo["results"]["imbalance"]
+  assert "not the published setup" in imbalance.table(result)  # 2 epochs, the published 5
   for sc in result["scenarios"].values():
     assert sc["ratio"]["max_weight_change"] >= 3
     assert sc["median"]["clip"]["rare_loss"] > sc["median"]["none"]["rare_loss"]
@@ -271,6 +385,26 @@ def test_cliff_angles_match_numpy():
   c = np.array([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]])
   want = [math.degrees(math.acos(3.5 / (5 * math.sqrt(0.5)))), 0.0, 0.0]
   np.testing.assert_allclose(cliff._angles(g, c), want, atol=1e-9)
+
+
+def test_value_vs_norm_clips_one_gradient_both_ways(demo):
+  result = demo["results"]["cliff"]
+  config = cliff.Config.quick()
+  ex = result["value_vs_norm"]
+  g, n, v = (np.array(ex[k], np.float64) for k in ("grad", "norm_clipped", "value_clipped"))
+  # float64 numpy references of the two clippers
+  np.testing.assert_allclose(n, g * min(1.0, config.max_norm / np.linalg.norm(g)), rtol=1e-6)
+  np.testing.assert_array_equal(v, np.clip(g, -config.max_value, config.max_value))
+  cos = n @ v / (np.linalg.norm(n) * np.linalg.norm(v))
+  assert ex["angle_deg"] == pytest.approx(math.degrees(math.acos(cos)), abs=1e-9)
+  # The gradient of the value-clipping descent's most bent step; both clippers act on it.
+  value = result["arms"]["value"]
+  assert ex["arm"] == "value" and value["angle_deg"][ex["step"]] == value["max_angle_deg"]
+  assert np.linalg.norm(g) == pytest.approx(value["grad_norm"][ex["step"]], rel=1e-6)
+  assert ex["angle_deg"] == pytest.approx(value["max_angle_deg"], abs=1e-3)
+  assert np.linalg.norm(g) > config.max_norm and np.max(np.abs(g)) > config.max_value
+  assert ex["angle_deg"] > 10
+  assert f"{ex['angle_deg']:.1f} degrees apart (value_vs_norm.png)" in cliff.table(result)
 
 
 def test_cliff_loss_surface_is_a_valley_with_a_drop():
@@ -315,13 +449,67 @@ def test_default_model_has_about_a_million_parameters():
   assert 0.7e6 < spiky_lm.count_params(model) < 1.3e6
 
 
+def _reference_excursions(loss, is_bad, factor, window) -> list[list[int]]:
+  """Loss spikes in vectorised float64 numpy: good steps above ``factor`` x the median of the
+  previous ``window`` good losses (or not finite), merged when at most ``window`` steps apart."""
+  idx = np.flatnonzero(~is_bad)
+  good = np.asarray(loss, np.float64)[idx]
+  median = np.median(np.lib.stride_tricks.sliding_window_view(good, window)[:-1], axis=1)
+  scored = good[window:]
+  with np.errstate(invalid="ignore"):
+    ok = np.isfinite(scored) & (scored <= factor * median)
+  flagged = idx[window:][~ok]
+  if flagged.size == 0:
+    return []
+  cut = np.flatnonzero(np.diff(flagged) > window)
+  firsts, lasts = np.r_[flagged[0], flagged[cut + 1]], np.r_[flagged[cut], flagged[-1]]
+  return [[int(a), int(b)] for a, b in zip(firsts, lasts, strict=True)]
+
+
 def test_spike_counting():
   losses = np.array([1.0] * 30 + [2.5, 1.0, 50.0, 1.0, 1.9, np.nan])
   is_bad = np.zeros(losses.size, bool)
   is_bad[32] = True  # a bad batch is not a spike
   np.testing.assert_array_equal(spiky_lm.spikes(losses, is_bad, 2.0, 25), [30, 35])
+  assert spiky_lm.excursions(losses, is_bad, 2.0, 25) == [(30, 35)]  # 5 steps apart: one spike
   ratios = spiky_lm.median_ratios(losses, is_bad, 25)
   assert 32 not in ratios and ratios[30] == 2.5 and ratios[34] == 1.9
+  # A long setback is one spike; two setbacks further apart than the window are two.
+  setbacks = np.array([1.0] * 30 + [2.0] * 10 + [1.0] * 60 + [3.0, 1.0, 3.0])
+  clean = np.zeros(setbacks.size, bool)
+  assert spiky_lm.excursions(setbacks, clean, 1.25, 25) == [(30, 39), (100, 102)]
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    noisy = np.exp(rng.normal(0.0, 0.15, 400)) * (1 + (rng.random(400) < 0.02) * 2)
+    bad = rng.random(400) < 0.05
+    got = [list(e) for e in spiky_lm.excursions(noisy, bad, 1.25, 25)]
+    assert got == _reference_excursions(noisy, bad, 1.25, 25)
+
+
+def test_spike_count_agrees_with_the_plot_and_numpy(demo):
+  result = demo["results"]["spiky_lm"]
+  c = result["config"]
+  is_bad = np.zeros(c["steps"], bool)
+  is_bad[result["bad_steps"]] = True
+  for arm, r in result["results"].items():
+    loss = np.array([np.nan if v is None else v for v in r["loss"]])
+    want = _reference_excursions(loss, is_bad, c["spike_factor"], c["median_window"])
+    assert r["spike_excursions"] == want, arm
+    assert r["spikes"] == len(want) == r["per_seed"]["spikes"][0], arm
+  none = result["results"]["none"]
+  # What the plot shows: without clipping every bad batch is followed by a setback, one spike
+  # each, starting within a window of it; the clipped and guarded arms have none.
+  assert none["spikes"] == len(result["bad_steps"]) > 0
+  for (first, _), t in zip(none["spike_excursions"], result["bad_steps"], strict=True):
+    assert t < first <= t + c["median_window"]
+  assert all(r["spikes"] == 0 for arm, r in result["results"].items() if arm != "none")
+  text = spiky_lm.table(result)
+  assert f"loss spikes (> {c['spike_factor']:g}x running median)" in text
+  assert result["spike_definition"] in text
+  row = next(line for line in text.splitlines() if line.startswith("| none |"))
+  cells = [cell.strip() for cell in row.strip("|").split("|")]
+  assert float(cells[3]) == none["spikes"]
+  assert cells[4] == ", ".join(str(first) for first, _ in none["spike_excursions"])
 
 
 def test_spiky_lm_arms(demo):

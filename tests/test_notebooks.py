@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import re
 
 import nbformat
 import pytest
@@ -22,6 +23,9 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 QUICK_ENV = "CLIPAX_NOTEBOOK_QUICK"
 BADGE = "https://colab.research.google.com/github/clipax/clipax/blob/main/notebooks/{}.ipynb"
+FIGURES = {"quickstart": 1, "cliff": 2, "imbalance": 2, "adaptive_spiky_lm": 1,
+           "sharded_clipping": 1}
+"""How many figures (PNG outputs) each notebook shows when it runs."""
 
 # jupyter_core warns (DeprecationWarning) that its paths will move to platformdirs unless this
 # is set; setting it for the kernel too keeps the kernel's own startup quiet.
@@ -91,6 +95,33 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
       resources={"metadata": {"path": str(tmp_path)}},
   )
   client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if o.output_type == "error"]
-  assert not errors
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  images = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(images) == FIGURES.get(path.stem, len(images)), "every figure is drawn"
+  if path.stem == "quickstart":
+    _check_threshold_summary("".join(o.get("text", "") for o in outputs))
+
+
+def _check_threshold_summary(text: str) -> None:
+  """The quickstart's section 5 states what its own numbers show: the ranking is sorted and the
+  factor and comparisons it prints follow from the losses it prints."""
+  block = text[text.index("lowest first:"):]
+  ranked = [(float(loss), name.strip(), status) for loss, name, status in re.findall(
+      r"^  (\d+\.\d+)  (.+?) diagnose: (\w+)$", block, flags=re.M)]
+  assert len(ranked) == 4 and [r[0] for r in ranked] == sorted(r[0] for r in ranked)
+  factor, low, high = re.search(
+      r"changes this loss ([\d.]+)x: from ([\d.]+) .* to ([\d.]+) ", block).groups()
+  assert (float(low), float(high)) == (ranked[0][0], ranked[-1][0])
+  assert float(factor) == round(float(high) / float(low), 1)
+  for rank, (_, name, status) in enumerate(ranked, start=1):
+    if status == "clipping_often":
+      assert f"{name} is flagged clipping_often; its loss ranks {rank} of 4" in block
+
+
+def test_quickstart_text_does_not_guess_the_numbers():
+  build = _load_build()
+  text = " ".join(c.source for c in build.build("quickstart").cells if c.cell_type == "markdown")
+  text = " ".join(text.split())
+  assert "barely change" not in text
+  assert "by the factor printed above" in text
