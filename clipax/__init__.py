@@ -23,7 +23,6 @@ from clipax._guards import skip_nonfinite as skip_nonfinite
 from clipax._guards import skip_spikes as skip_spikes
 from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
-from clipax._health import suggest_max_norm as suggest_max_norm
 from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
 from clipax._norms import unitwise_norms as unitwise_norms
@@ -31,6 +30,7 @@ from clipax._spam import SpamState as SpamState
 from clipax._spam import spam as spam
 from clipax._state import ClipState as ClipState
 from clipax._state import metrics as metrics
+from clipax._suggest import suggest_max_norm as suggest_max_norm
 
 try:
   __version__ = version("clipax")
