@@ -25,12 +25,12 @@ from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
 from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
-from clipax._norms import unitwise_norms as unitwise_norms
 from clipax._spam import SpamState as SpamState
 from clipax._spam import spam as spam
 from clipax._state import ClipState as ClipState
 from clipax._state import metrics as metrics
 from clipax._suggest import suggest_max_norm as suggest_max_norm
+from clipax._unitwise import unitwise_norms as unitwise_norms
 
 try:
   __version__ = version("clipax")

@@ -17,7 +17,8 @@ import optax
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import _per_leaf_clip, _transformation, invalid_threshold
-from clipax._norms import ReductionAxes, UnitRule, float_leaves, unitwise_norms
+from clipax._norms import ReductionAxes, UnitRule, float_leaves
+from clipax._unitwise import unitwise_norms
 
 
 def _paired(updates: Any, params: Any) -> None:
