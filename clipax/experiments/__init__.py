@@ -17,6 +17,11 @@ Experiments:
 - :mod:`clipax.experiments.spiky_lm`: a small Flax NNX transformer trained with AdamW on a
   synthetic Markov corpus with injected bad batches, one arm per clipper.
 
+The private modules hold what the experiment modules re-export or share: ``_common`` (seed lists,
+JSON numbers, markdown tables, progress bars, pyplot and saving figures), ``_imbalance_train`` and
+``_imbalance_plot`` (the imbalance training and figures), ``_spiky_lm_model`` and
+``_spiky_lm_plot`` (the spiky-LM corpus and model, and its figure).
+
 The library modules never import this package; it needs ``flax`` (spiky_lm), ``matplotlib`` and
 ``tqdm`` (the ``demo`` extra), imported lazily so that importing it costs nothing.
 """

@@ -14,25 +14,31 @@ samples is *higher* with clipping, because the model is no longer dragged toward
 Scenarios: S1 99:1, lr 0.1, 5 epochs; S2 80:20, lr 0.1, 10 epochs; S3 99:1, lr 0.01, 10 epochs.
 The whole per-sample SGD loop is one ``jax.lax.scan``, vmapped over seeds and over the two arms
 (the no-clip arm is ``clip_by_global_norm(inf)``), so 10 seeds x 3 scenarios x 2 arms take seconds.
+
+Layout: this module holds the metric names, the published numbers, :class:`Scenario`,
+:class:`Config`, :func:`run`, :func:`table` and :func:`published_note`; the arms, the data, the
+model, the vmapped SGD loop and the per-run metrics live in
+:mod:`clipax.experiments._imbalance_train`, the figures (:func:`plot`) in
+:mod:`clipax.experiments._imbalance_plot`. Both are re-exported here, so every name is still
+importable from this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import pathlib
 from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import clipax
 from clipax.experiments import _common
-
-ARMS = ("none", "clip")
-"""The two arms: plain SGD, and SGD after ``clip_by_global_norm(max_norm)``."""
+from clipax.experiments._imbalance_plot import plot as plot
+from clipax.experiments._imbalance_train import ARMS as ARMS
+from clipax.experiments._imbalance_train import _metrics, _train
+from clipax.experiments._imbalance_train import effective_dim as effective_dim
+from clipax.experiments._imbalance_train import init_params as init_params
+from clipax.experiments._imbalance_train import make_data as make_data
 
 METRICS = (
     "max_weight_change",
@@ -145,146 +151,6 @@ class Config:
             Scenario("S3 99:1 lr0.01", n_rare=10, lr=0.01, epochs=3),
         )
     )
-
-
-def make_data(config: Config, n_rare: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens, labels)`` for one seed: uniform tokens, label 1 (B) at ``n_rare`` positions.
-
-  Uses ``numpy.random.default_rng(seed)``: tokens first, then the rare positions.
-  """
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, config.n_tokens, size=config.n_samples)
-  labels = np.zeros(config.n_samples, np.int32)
-  labels[rng.choice(config.n_samples, size=n_rare, replace=False)] = 1
-  return tokens.astype(np.int32), labels
-
-
-def init_params(config: Config, key: jax.Array) -> dict[str, jax.Array]:
-  """PyTorch-default init: embedding N(0, 1); linear weight and bias U(+-1/sqrt(dim))."""
-  k_emb, k_w, k_b = jax.random.split(key, 3)
-  bound = 1.0 / float(np.sqrt(config.dim))
-  return {
-      "embedding": jax.random.normal(k_emb, (config.n_tokens, config.dim), jnp.float32),
-      "kernel": jax.random.uniform(
-          k_w, (config.dim, config.n_classes), jnp.float32, -bound, bound
-      ),
-      "bias": jax.random.uniform(k_b, (config.n_classes,), jnp.float32, -bound, bound),
-  }
-
-
-def _loss(params: dict[str, jax.Array], token: jax.Array, label: jax.Array) -> jax.Array:
-  logits = params["embedding"][token] @ params["kernel"] + params["bias"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, label)
-
-
-def _weight_norm(params: dict[str, jax.Array]) -> jax.Array:
-  """The global L2 norm of the parameters (small float32 values: a plain sum of squares)."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params)))
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _init_all(keys: jax.Array, *, config: Config) -> dict[str, jax.Array]:
-  """``init_params`` vmapped over seeds, then over the two arms (same init in both)."""
-  params = jax.vmap(functools.partial(init_params, config))(keys)
-  return jax.tree_util.tree_map(lambda p: jnp.stack([p] * len(ARMS)), params)
-
-
-def _epoch(params, opt_state, tokens, labels, max_norm, lr, *, every: int):
-  """One pass of per-sample SGD over the data in its fixed order, as one ``lax.scan``."""
-  tx = optax.chain(clipax.clip_by_global_norm(max_norm), optax.sgd(lr))
-
-  def step(carry, sample):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(_loss)(params, *sample)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    # The clipper's state holds the pre-clip gradient norm: no second norm computation.
-    out = (loss, opt_state[0].norm, _weight_norm(params), params["embedding"])
-    return (params, opt_state), out
-
-  (params, opt_state), (losses, grad_norms, weight_norms, embeddings) = jax.lax.scan(
-      step, (params, opt_state), (tokens, labels)
-  )
-  return params, opt_state, losses, grad_norms, weight_norms, embeddings[every - 1 :: every]
-
-
-@functools.partial(jax.jit, static_argnames="every")
-def _epoch_all(params, opt_state, tokens, labels, max_norms, lr, *, every: int):
-  """``_epoch`` vmapped over seeds (params, state, data) and then over arms (params, state,
-  max_norm). Its shapes do not depend on the scenario, so it compiles once."""
-  epoch = functools.partial(_epoch, every=every)
-  over_seeds = jax.vmap(epoch, in_axes=(0, 0, 0, 0, None, None))
-  return jax.vmap(over_seeds, in_axes=(0, 0, None, None, 0, None))(
-      params, opt_state, tokens, labels, max_norms, lr
-  )
-
-
-def _opt_state(params: dict[str, jax.Array]):
-  tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1))
-  return jax.vmap(jax.vmap(tx.init))(params)
-
-
-def _train(config: Config, keys, tokens, labels, max_norms, lr, epochs: int, on_epoch) -> tuple:
-  """Every arm and seed of one scenario; arrays shaped ``[arm, seed, ...]`` (numpy)."""
-  params = _init_all(keys, config=config)
-  opt_state = _opt_state(params)
-  every = config.eff_dim_every
-  n_seeds = keys.shape[0]
-  weight_norms = [np.asarray(jax.vmap(jax.vmap(_weight_norm))(params))[..., None]]
-  embeddings = [np.asarray(params["embedding"])[:, :, None]]
-  losses, grad_norms = [], []
-  for _ in range(epochs):
-    params, opt_state, loss, grad_norm, weight_norm, emb = _epoch_all(
-        params, opt_state, tokens, labels, max_norms, lr, every=every
-    )
-    on_epoch()
-    losses.append(np.asarray(loss))
-    grad_norms.append(np.asarray(grad_norm))
-    weight_norms.append(np.asarray(weight_norm))
-    embeddings.append(np.asarray(emb))
-  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  tok = np.asarray(tokens)
-  seeds = np.arange(n_seeds)[:, None]
-  logits = np.einsum("asnd,asdc->asnc", p["embedding"][:, seeds, tok], p["kernel"])
-  preds = np.argmax(logits + p["bias"][:, :, None, :], axis=-1)
-  cat = lambda xs: np.concatenate(xs, axis=2)
-  return cat(losses), cat(grad_norms), cat(weight_norms), cat(embeddings), preds
-
-
-def effective_dim(embedding: np.ndarray) -> float:
-  """``exp(entropy)`` of the covariance eigenvalues of the embedding rows, normalised to sum 1.
-
-  The covariance is over the tokens (rows) as samples; its non-zero eigenvalues are those of the
-  centred Gram matrix, computed here in float64.
-
-  Examples:
-    >>> import numpy as np
-    >>> print(f"{effective_dim(np.eye(4)):.3f}")  # 4 orthogonal rows, centred: 3 equal directions
-    3.000
-  """
-  e = np.asarray(embedding, np.float64)
-  c = e - e.mean(axis=0, keepdims=True)
-  eig = np.clip(np.linalg.eigvalsh(c @ c.T / max(e.shape[0] - 1, 1)), 0.0, None)
-  total = eig.sum()
-  if total <= 0:
-    return 0.0
-  p = eig[eig > total * 1e-12] / total
-  return float(np.exp(-np.sum(p * np.log(p))))
-
-
-def _metrics(losses, grad_norms, weight_norms, embeddings, preds, labels, epochs) -> dict:
-  """The per-run metrics (float64 numpy) of one seed and arm."""
-  rare = np.tile(labels, epochs) == 1
-  eff = np.array([effective_dim(e) for e in embeddings])
-  b = labels == 1
-  return {
-      "max_weight_change": float(np.max(np.abs(np.diff(weight_norms)))),
-      "weight_norm_std": float(np.std(weight_norms)),
-      "eff_dim_std": float(np.std(eff)),
-      "rare_loss": float(np.mean(losses[rare])) if rare.any() else float("nan"),
-      "b_accuracy": float(np.mean(preds[b] == 1)) if b.any() else float("nan"),
-      "max_grad_norm": float(np.max(grad_norms)),
-  }
 
 
 def run(config: Config, *, seeds: int | Iterable[int] = 10, progress: bool = True) -> dict:
@@ -480,100 +346,3 @@ def _direction(sc: dict, metric: str, pub: list, n: int) -> str:
     return f"Published: the same with and without clipping; here in {same} of {n} seeds."
   word, here = ("smaller", clip < none) if pub[1] < pub[0] else ("larger", clip > none)
   return f"Published: {word} with clipping; here {word} in {int(np.sum(here))} of {n} seeds."
-
-
-def _max_eff_dim(config: dict) -> int:
-  """The largest possible effective dimension: the rank of the centred embedding."""
-  return min(config["n_tokens"] - 1, config["dim"])
-
-
-def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """The weight norm over training (first seed, rare samples marked) and the embedding's
-  effective dimension, one panel per scenario for each. Returns the two PNG paths."""
-  from matplotlib.lines import Line2D
-
-  plt = _common.pyplot()
-  scenarios = result["scenarios"]
-  n = len(scenarios)
-  seed = result["seeds"][0]
-  styles = {
-      "none": {"color": "tab:red", "ls": "-", "lw": 1.1},
-      "clip": {"color": "tab:blue", "ls": "--", "lw": 1.3},
-  }
-  names = {"none": "no clipping", "clip": f"clip_by_global_norm({result['config']['max_norm']:g})"}
-  fig, axes = plt.subplots(n, 1, figsize=(10, 2.7 * n + 0.8), squeeze=False,
-                           layout="constrained")
-  marked = False
-  for ax, (name, sc) in zip(axes[:, 0], scenarios.items(), strict=True):
-    for arm in ARMS:
-      ax.plot(sc["curves"]["weight_norm"][arm], label=names[arm], **styles[arm])
-    rare = sc["curves"]["rare_steps"]
-    med = sc["median"]
-    title = (
-        f"{name}: largest one-step change of ||w|| {_common.fmt(med['none']['max_weight_change'])}"
-        f" without clipping, {_common.fmt(med['clip']['max_weight_change'])} with (median over "
-        "seeds)"
-    )
-    if len(rare) <= 100:  # beyond that the marks hide the curves
-      marked = True
-      for t in rare:
-        ax.axvline(t, color="0.55", lw=0.7, alpha=0.6, zorder=0)
-    else:
-      title += f"; {len(rare)} rare samples, not marked"
-    ax.set_title(title, fontsize=9)
-    ax.set_ylabel("||w|| (global L2\nnorm of all weights)")
-  axes[-1, 0].set_xlabel(f"SGD step (one sample per step; seed {seed})")
-  handles = [Line2D([], [], label=names[arm], **styles[arm]) for arm in ARMS]
-  if marked:
-    handles.append(Line2D([], [], color="0.55", lw=0.7, label="a rare B sample"))
-  fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=9, frameon=False)
-  ratios = [sc["ratio"]["max_weight_change"] for sc in scenarios.values()]
-  ratios = [r for r in ratios if r is not None]
-  span = f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "?"
-  fig.suptitle(
-      "Without clipping each rare sample yanks the weights (the drops at the grey lines); "
-      f"clipping makes the largest one-step change {span} smaller",
-      fontsize=10.5,
-  )
-  paths = [_common.save(fig, out_dir, "imbalance_weight_norm.png")]
-
-  fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 3.9), squeeze=False, sharey=True,
-                           layout="constrained")
-  every = result["config"]["eff_dim_every"]
-  top = _max_eff_dim(result["config"])
-  values = [v for sc in scenarios.values() for arm in ARMS for v in sc["curves"]["eff_dim"][arm]]
-  moves = {arm: (0.0, "") for arm in ARMS}
-  for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
-    for k, (arm, marker) in enumerate(zip(ARMS, ("o", "s"), strict=True)):
-      eff = np.asarray(sc["curves"]["eff_dim"][arm], np.float64)
-      move = float(np.max(np.abs(eff - eff[0])))
-      moves[arm] = max(moves[arm], (move, name))
-      # Markers at alternating samples, the dashed line on top: both show where they coincide.
-      gap = max(len(eff) // 10, 1)
-      ax.plot(np.arange(len(eff)) * every, eff, marker=marker, ms=4, zorder=2 + k,
-              markevery=((k * gap) // 2, gap), **styles[arm])
-    ax.axhline(top, color="k", lw=1, ls=":")
-    ax.set_title(name, fontsize=9.5)
-    ax.set_xlabel(f"SGD step (seed {seed})")
-  # A fixed relative span, the top fifth of the possible range, so that a change of a few
-  # thousandths does not fill the panel; wider if the data needs it.
-  low = min(0.8 * top, min(values, default=top) - 0.05 * top)
-  axes[0, 0].set_ylim(low, 1.04 * top)
-  axes[0, 0].set_ylabel(
-      "effective dimension of the embedding\n= exp(entropy of its normalised\n"
-      f"covariance eigenvalues); max {top}"
-  )
-  handles = [Line2D([], [], marker=mk, ms=3.5, label=names[arm], **styles[arm])
-             for arm, mk in zip(ARMS, ("o", "s"), strict=True)]
-  handles.append(Line2D([], [], color="k", lw=1, ls=":",
-                        label=f"maximum: {top} directions ({result['config']['n_tokens']} "
-                              "centred rows)"))
-  fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=9, frameon=False)
-  (clip, _), (none, worst) = moves["clip"], moves["none"]
-  fig.suptitle(
-      f"With clipping the embedding's effective dimension stays within {clip:.3f} of its start; "
-      f"without, it moves by up to {none:.3f} ({worst}), out of a maximum of {top}",
-      fontsize=10.5,
-  )
-  paths.append(_common.save(fig, out_dir, "imbalance_effective_dim.png"))
-  return paths

@@ -16,14 +16,18 @@ The model is trained through the functional NNX API: ``nnx.split`` once, then on
 the forward and backward pass shared by every arm and one per arm for the optax update. It computes
 what ``nnx.Optimizer.update`` does, without ``nnx.jit``'s per-call cost (most of the run time of a
 model this small).
+
+Layout: this module holds the arms, :class:`Config`, the loss-spike rule, the training loop,
+:func:`run` and :func:`table`; the corpus, the model and its jitted steps live in
+:mod:`clipax.experiments._spiky_lm_model`, the figure (:func:`plot`, :data:`STYLES`) in
+:mod:`clipax.experiments._spiky_lm_plot`. Both are re-exported here, so every name is still
+importable from this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import pathlib
 from collections.abc import Iterable
 
 import jax
@@ -34,6 +38,16 @@ from flax import nnx
 
 import clipax
 from clipax.experiments import _common
+from clipax.experiments._spiky_lm_model import Block as Block
+from clipax.experiments._spiky_lm_model import Transformer as Transformer
+from clipax.experiments._spiky_lm_model import _grads, _updater
+from clipax.experiments._spiky_lm_model import count_params as count_params
+from clipax.experiments._spiky_lm_model import make_batches as make_batches
+from clipax.experiments._spiky_lm_model import make_model as make_model
+from clipax.experiments._spiky_lm_model import markov_source as markov_source
+from clipax.experiments._spiky_lm_model import sample as sample
+from clipax.experiments._spiky_lm_plot import STYLES as STYLES
+from clipax.experiments._spiky_lm_plot import plot as plot
 
 ARMS = ("none", "clip_by_global_norm", "zclip", "autoclip", "skip_spikes")
 """Every arm; those whose clipax function does not exist in this version are left out."""
@@ -119,152 +133,6 @@ def make_tx(config: Config, arm: str) -> optax.GradientTransformation:
   if arm == "skip_spikes":
     return clipax.skip_spikes(adamw)
   return optax.chain(getattr(clipax, arm)(), adamw)
-
-
-# --- the synthetic corpus ----------------------------------------------------------------------
-
-
-def markov_source(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-  """A seeded Markov source of order ``config.order`` over ``config.vocab`` tokens.
-
-  Returns:
-    ``(transitions, stationary, floor)``: ``transitions[c1, ..., ck]`` is the next-token
-    distribution after the context ``(c1, ..., ck)`` (a sparse Dirichlet draw), ``stationary``
-    the stationary distribution over contexts (power iteration) and ``floor`` the entropy rate in
-    nats per token: the lowest expected cross-entropy any model can reach on this source.
-  """
-  rng = np.random.default_rng([seed, 1])
-  shape = (config.vocab,) * config.order
-  transitions = rng.dirichlet(np.full(config.vocab, config.concentration), size=shape)
-  transitions = transitions + 1e-6  # every transition possible: the source is ergodic
-  transitions /= transitions.sum(axis=-1, keepdims=True)
-  stationary = np.full(shape, 1.0 / config.vocab**config.order)
-  for _ in range(5000):
-    # p(c2, ..., ck, x) = sum_c1 p(c1, ..., ck) P(x | c1, ..., ck)
-    new = np.sum(stationary[..., None] * transitions, axis=0)
-    done = np.max(np.abs(new - stationary)) < 1e-13
-    stationary = new
-    if done:
-      break
-  entropy = -np.sum(transitions * np.log(transitions), axis=-1)
-  floor = float(np.sum(stationary * entropy))
-  return transitions, stationary, floor
-
-
-def sample(
-    transitions: np.ndarray, stationary: np.ndarray, n: int, length: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-  """``n`` sequences of ``length`` tokens, each starting from a stationary context."""
-  order = transitions.ndim - 1
-  vocab = transitions.shape[-1]
-  flat = stationary.ravel()
-  start = rng.choice(flat.size, size=n, p=flat / flat.sum())
-  out = np.empty((n, length), np.int32)
-  out[:, :order] = np.stack(np.unravel_index(start, stationary.shape), axis=-1)
-  cdf = np.cumsum(transitions.reshape(-1, vocab), axis=-1)
-  strides = vocab ** np.arange(order - 1, -1, -1)
-  for t in range(order, length):
-    context = out[:, t - order : t] @ strides
-    u = rng.random(n)[:, None]
-    out[:, t] = np.minimum(np.sum(cdf[context] < u, axis=-1), vocab - 1)
-  return out
-
-
-def make_batches(config: Config, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-  """Every training batch of one seed: ``(tokens [steps, batch, seq_len + 1], loss_scale
-  [steps], is_bad [steps], floor)``. Bad batches are uniform random tokens with their loss scaled
-  by ``bad_scale``, at steps ``bad_every``, ``2 * bad_every``, ..."""
-  transitions, stationary, floor = markov_source(config, seed)
-  rng = np.random.default_rng([seed, 2])
-  n = config.steps * config.batch_size
-  tokens = sample(transitions, stationary, n, config.seq_len + 1, rng)
-  tokens = tokens.reshape(config.steps, config.batch_size, config.seq_len + 1)
-  steps = np.arange(config.steps)
-  is_bad = (steps > 0) & (steps % config.bad_every == 0)
-  tokens[is_bad] = rng.integers(0, config.vocab, size=tokens[is_bad].shape, dtype=np.int32)
-  scale = np.where(is_bad, config.bad_scale, 1.0).astype(np.float32)
-  return tokens, scale, is_bad, floor
-
-
-# --- the model -----------------------------------------------------------------------------------
-
-
-class Block(nnx.Module):
-  """A pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
-
-  def __init__(self, config: Config, rngs: nnx.Rngs):
-    d = config.d_model
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(
-        num_heads=config.n_heads, in_features=d, decode=False, rngs=rngs
-    )
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-    self.up = nnx.Linear(d, config.mlp_ratio * d, rngs=rngs)
-    self.down = nnx.Linear(config.mlp_ratio * d, d, rngs=rngs)
-
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x), mask=mask)
-    return x + self.down(nnx.gelu(self.up(self.ln2(x))))
-
-
-class Transformer(nnx.Module):
-  """The decoder-only language model: token and learned position embeddings, ``n_layers``
-  blocks, a final LayerNorm and an untied output layer."""
-
-  def __init__(self, config: Config, rngs: nnx.Rngs):
-    d = config.d_model
-    self.embed = nnx.Embed(config.vocab, d, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (config.seq_len, d)))
-    self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
-    self.ln = nnx.LayerNorm(d, rngs=rngs)
-    self.head = nnx.Linear(d, config.vocab, rngs=rngs)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.pos[...][: tokens.shape[-1]]
-    mask = nnx.make_causal_mask(tokens)
-    for block in self.blocks:
-      x = block(x, mask)
-    return self.head(self.ln(x))
-
-
-def make_model(config: Config, seed: int) -> Transformer:
-  """A freshly initialised :class:`Transformer` (``nnx.Rngs(seed)``)."""
-  return Transformer(config, nnx.Rngs(seed))
-
-
-def count_params(model: nnx.Module) -> int:
-  """The number of trainable parameters."""
-  return int(sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "order"))
-def _grads(params, rest, tokens: jax.Array, scale: jax.Array, *, graphdef, order: int):
-  """The mean next-token cross-entropy (predicting tokens ``order`` onwards, whose whole context
-  is in the sequence) and the gradients of ``scale`` times it, for the model
-  ``nnx.merge(graphdef, params, rest)``. Compiled once for every arm and seed of a config."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-  def loss_fn(params):
-    logits = nnx.merge(graphdef, params, rest)(inputs)[:, order - 1 :]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets[:, order - 1 :])
-    ce = jnp.mean(ce)
-    return ce * scale, ce
-
-  (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return ce, grads, clipax.global_norm(grads)
-
-
-def _updater(tx: optax.GradientTransformation):
-  """The jitted optimizer step of one arm: ``(params, opt_state, grads) -> (params, opt_state,
-  clipax metrics of the new state)``, what ``nnx.Optimizer.update`` computes."""
-
-  @jax.jit
-  def update(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, clipax.metrics(opt_state)
-
-  return update
 
 
 # --- the experiment ------------------------------------------------------------------------------
@@ -502,124 +370,3 @@ def table(result: dict) -> str:
   if verdicts:
     text += "\n\n`clipax.diagnose` on the last 100 steps (first seed):\n" + "\n".join(verdicts)
   return text
-
-
-STYLES = {
-    "none": {"color": "tab:blue", "ls": "-", "lw": 1.4, "marker": None},
-    "clip_by_global_norm": {"color": "tab:orange", "ls": "-", "lw": 3.4, "alpha": 0.5,
-                            "marker": "o"},
-    "zclip": {"color": "tab:green", "ls": "--", "lw": 1.5, "marker": "s"},
-    "autoclip": {"color": "tab:red", "ls": "-.", "lw": 1.3, "marker": "^"},
-    "skip_spikes": {"color": "tab:purple", "ls": ":", "lw": 2.0, "marker": "D"},
-}
-"""Line style per arm: the clipped arms' curves lie on top of each other, so each has its own
-dash pattern and markers at its own steps (a wide pale line for the one drawn underneath)."""
-
-
-def _takeaway(result: dict) -> str:
-  """The plot's one-line conclusion, from the first seed's spike counts."""
-  counts = {arm: len(r["spike_excursions"]) for arm, r in result["results"].items()}
-  n_bad = len(result["bad_steps"])
-  none = counts.pop("none", None)
-  head = (
-      f"Without clipping the {n_bad} bad batches cause {none} loss spike{'' if none == 1 else 's'}"
-      if none is not None else f"{n_bad} bad batches"
-  )
-  if counts and not any(counts.values()):
-    return f"{head}; every clipper and guard absorbs them (0 spikes)"
-  hit = ", ".join(f"{arm} {n}" for arm, n in counts.items() if n)
-  return f"{head}; spikes with protection: {hit or 'none'}"
-
-
-def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Loss (good batches) and pre-clip gradient norm per arm (first seed), then a strip of the
-  clipped and skipped steps per arm. Bad batches are grey dashed lines, counted loss spikes
-  triangles; the legend sits outside the axes."""
-  from matplotlib.lines import Line2D
-  from matplotlib.ticker import FuncFormatter, NullFormatter
-
-  plt = _common.pyplot()
-  arms = list(result["results"])
-  bad = result["bad_steps"]
-  fig, axes = plt.subplots(
-      3, 1, figsize=(12, 9.5), sharex=True, layout="constrained",
-      gridspec_kw={"height_ratios": [3, 2.6, 1.3]},
-  )
-  ax_loss, ax_norm, ax_events = axes
-  steps = len(next(iter(result["results"].values()))["loss"])
-  every = max(steps // 12, 1)
-  handles = []
-  rows = [arm for arm in arms if arm != "none"]
-  for i, arm in enumerate(arms):
-    r = result["results"][arm]
-    style = dict(STYLES.get(arm, {"color": f"C{i}", "ls": "-", "lw": 1.4, "marker": None}))
-    marker = style.pop("marker")
-    marks = {} if marker is None else {
-        "marker": marker, "ms": 6, "markevery": ((i * every) // len(arms), every),
-        "markeredgecolor": "k", "markeredgewidth": 0.5,
-    }
-    loss = np.array([np.nan if v is None else v for v in r["loss"]])
-    norm = np.array([np.nan if v is None else v for v in r["grad_norm"]])
-    good = np.setdiff1d(np.arange(loss.size), bad)
-    (line,) = ax_loss.plot(good, loss[good], label=arm, **style, **marks)
-    ax_loss.plot(bad, loss[bad], "o", color=style["color"], ms=7, markeredgecolor="k", zorder=5)
-    ax_norm.plot(norm, **style, **marks)
-    handles.append(line)
-    top = np.nanmax(loss[good]) if np.isfinite(loss[good]).any() else 1.0
-    for first, last in r["spike_excursions"]:
-      span = good[(good >= first) & (good <= last)]
-      span = span[np.isfinite(loss[span])]  # a diverged run: mark its first step, at the top
-      peak, height = (span[np.argmax(loss[span])], loss[span].max()) if span.size else (first, top)
-      ax_loss.plot(peak, height * 1.04, "v", color=style["color"], ms=12, markeredgecolor="k",
-                   zorder=6)
-    if r["skipped"]:
-      ax_norm.plot(r["skipped"], norm[r["skipped"]], "X", color=style["color"], ms=12,
-                   markeredgecolor="k", zorder=6)
-    if arm in rows:
-      row = len(rows) - 1 - rows.index(arm)
-      ax_events.plot(r["clipped"], np.full(len(r["clipped"]), row), "|", color=style["color"],
-                     ms=11, mew=1.6)
-      ax_events.plot(r["skipped"], np.full(len(r["skipped"]), row), "X", color=style["color"],
-                     ms=11, markeredgecolor="k")
-  ref_arm = arms[0]
-  for ax in axes:
-    for t in bad:
-      ax.axvline(t, color="0.5", lw=0.9, ls="--", zorder=0)
-  if result["floor"] is not None:
-    ax_loss.axhline(result["floor"], color="k", lw=1.0, ls=":")
-  c = result["config"]
-  ax_norm.axhline(c["max_norm"], color="0.3", lw=1.0, ls=(0, (6, 3)))
-  handles += [
-      Line2D([], [], color="0.5", lw=0.9, ls="--", label="bad batch (random tokens)"),
-      Line2D([], [], color="0.55", marker="o", ls="", ms=7, markeredgecolor="k",
-             label="loss on the bad batch itself\n(arm's colour; not counted)"),
-      Line2D([], [], color="0.4", marker="v", ls="", ms=10, markeredgecolor="k",
-             label=f"counted loss spike\n(> {c['spike_factor']:g}x running median)"),
-      Line2D([], [], color="k", lw=1.0, ls=":", label="loss floor (entropy rate)"),
-      Line2D([], [], color="0.3", lw=1.0, ls=(0, (6, 3)),
-             label=f"max_norm = {c['max_norm']:g}\n(clip_by_global_norm)"),
-      Line2D([], [], color="0.3", marker="X", ls="", ms=10, markeredgecolor="k",
-             label="skipped step (guard)"),
-      Line2D([], [], color="0.3", marker="|", ls="", ms=10, mew=1.6, label="clipped step"),
-  ]
-  fig.legend(handles=handles, loc="outside right center", fontsize=8.5, frameon=False)
-  ax_loss.set_ylabel("training loss on good batches\n(nats per token)")
-  ax_loss.set_title("training loss (triangles: the loss spikes the table counts)", fontsize=10)
-  ax_norm.set_yscale("log")
-  ax_norm.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-  ax_norm.yaxis.set_minor_formatter(NullFormatter())
-  ax_norm.set_ylabel("gradient norm before clipping\n(global L2, log scale)")
-  ref = np.array([np.nan if v is None else v for v in result["results"][ref_arm]["grad_norm"]])
-  if bad:
-    times = np.nanmedian(ref[bad]) / np.nanmedian(ref)
-    ax_norm.set_title(f"gradient norm before clipping: a bad batch's is about {times:,.0f}x the "
-                      f"median ({ref_arm})", fontsize=10)
-  else:
-    ax_norm.set_title("gradient norm before clipping", fontsize=10)
-  ax_events.set_yticks(range(len(rows)), rows[::-1])
-  ax_events.set_ylim(-0.6, len(rows) - 0.4)
-  ax_events.set_title("clipped (|) and skipped (X) steps per arm", fontsize=10)
-  ax_events.set_xlabel("training step")
-  ax_events.set_xlim(-0.01 * steps, 1.01 * steps)
-  fig.suptitle(_takeaway(result) + f" (seed {result['seeds'][0]}).", fontsize=11.5)
-  return [_common.save(fig, out_dir, "spiky_lm.png")]
