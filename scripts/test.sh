@@ -22,6 +22,14 @@ pytest_run() {
 }
 extra=("$@")
 
+# XLA's persistent compilation cache, shared by the two workers (many tests compile the same
+# programs from fresh closures; the cache is keyed by the program, JAX version and flags, so it is
+# safe to keep between runs: a rerun compiles little). CLIPAX_JAX_CACHE= (empty) turns it off.
+if [[ -n "${CLIPAX_JAX_CACHE-.jax-cache}" ]]; then
+  export JAX_COMPILATION_CACHE_DIR="$PWD/${CLIPAX_JAX_CACHE-.jax-cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+fi
+
 clipax_step "tests and doctests (2 workers)"
 pytest_run -n 2 --durations=5 --doctest-modules clipax tests --ignore=tests/distributed "$@" ||
   failed+=(tests)
