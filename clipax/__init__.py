@@ -23,12 +23,13 @@ from clipax._guards import skip_nonfinite as skip_nonfinite
 from clipax._guards import skip_spikes as skip_spikes
 from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
+from clipax._metrics import metrics as metrics
+from clipax._monitor import monitor as monitor
 from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
 from clipax._spam import SpamState as SpamState
 from clipax._spam import spam as spam
 from clipax._state import ClipState as ClipState
-from clipax._state import metrics as metrics
 from clipax._suggest import suggest_max_norm as suggest_max_norm
 from clipax._unitwise import unitwise_norms as unitwise_norms
 
@@ -57,6 +58,7 @@ __all__ = [
     "global_norm",
     "leaf_norms",
     "metrics",
+    "monitor",
     "skip_nonfinite",
     "skip_spikes",
     "spam",

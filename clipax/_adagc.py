@@ -15,17 +15,18 @@ import optax
 
 from clipax import _checks
 from clipax._adaptive import (
-    _cap,
-    _check_max_norm,
-    _invalid_cap,
-    _keep_if,
-    _threshold_metrics,
-    warming_up,
+  _cap,
+  _check_max_norm,
+  _invalid_cap,
+  _keep_if,
+  _threshold_metrics,
+  warming_up,
 )
 from clipax._checks import Nonfinite
 from clipax._clipping import action, combine_norms, scale_for
+from clipax._measure import as_tree, check_leaf_metrics
 from clipax._norms import AxisName, _leafwise, float_leaves
-from clipax._state import add_count, init_clip_state, record, register_state
+from clipax._state import add_count, applied_norm, init_base, named, record, register_state
 
 
 @register_state
@@ -46,6 +47,11 @@ class AdaGCState(NamedTuple):
     observed: int32, finite norms absorbed into the statistics (saturates).
     gamma: a pytree with the structure of the parameters holding, per leaf, an EMA of that
       leaf's clipped norm (its running minimum during warm-up).
+    update_norm: the global norm of the last update after clipping (0 when it was zeroed).
+    leaf_norms: with ``leaf_metrics=True``, each leaf's pre-clip norm (shaped like ``gamma``);
+      otherwise ``()``.
+    tag: uint8, the transformation's kind and ``name=`` as UTF-8 (``b"zclip/"``), so that
+      :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
   count: jax.Array
@@ -58,6 +64,9 @@ class AdaGCState(NamedTuple):
   threshold: jax.Array
   observed: jax.Array
   gamma: Any
+  update_norm: Any = None
+  leaf_norms: Any = ()
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     return _threshold_metrics(self)
@@ -99,6 +108,8 @@ def adagc(
     max_norm: Any = None,
     axis_name: AxisName = None,
     nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""AdaGC: clips each leaf relative to an EMA of that leaf's own clipped norm.
 
@@ -139,6 +150,10 @@ def adagc(
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       leaf norms over (one vector collective per step).
     nonfinite: ``"zero"`` (default) or ``"propagate"``.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``adagc``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      the per-leaf norms it computes anyway.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipax.AdaGCState`. ``init``
@@ -172,13 +187,16 @@ def adagc(
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
-    base = init_clip_state()
+    base = init_base()
     dt = base.norm.dtype
     gamma = jax.tree_util.tree_map(lambda _: jnp.zeros([], dt), params)
     threshold = _cap(jnp.asarray(warmup_max_norm, dt), max_norm)
-    return AdaGCState(*base, threshold, jnp.zeros([], jnp.int32), gamma)
+    leaves = jax.tree_util.tree_map(lambda _: jnp.zeros([], dt), params) if leaf_metrics else ()
+    return AdaGCState(*base, threshold, jnp.zeros([], jnp.int32), gamma, jnp.zeros([], dt),
+                      leaves)
 
   def update_fn(updates, state, params=None):
     del params
@@ -222,12 +240,18 @@ def adagc(
       ok = ~(act.bad if invalid is None else act.bad | invalid)
       old = jax.tree_util.tree_leaves(state.gamma)
       gamma = treedef.unflatten(_keep_if(ok, gammas, old))
+      base = record(state, global_n, act.recorded(smallest), act.clipped(any_over), act.bad,
+                    invalid)
+      after = combine_norms([applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], 2)
+      after = jnp.where(base.scale == 0, 0, jnp.where(jnp.isnan(base.scale), jnp.nan, after))
       return out, AdaGCState(
-          *record(state, global_n, act.recorded(smallest), act.clipped(any_over), act.bad, invalid),
+          *base,
           jnp.where(ok, _cap(threshold, max_norm), state.threshold).astype(dt),
           add_count(state.observed, ok.astype(jnp.int32)),
           gamma,
+          after.astype(dt),
+          as_tree(updates, norms, dt) if leaf_metrics else (),
       )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), "adagc", name)
 

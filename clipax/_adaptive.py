@@ -32,12 +32,14 @@ import optax
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import action, invalid_threshold, scale_for
-from clipax._norms import AxisName, float_leaves, global_norm
+from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
+from clipax._norms import AxisName, float_leaves
 from clipax._state import (
     _value,
     add_count,
     clip_state_metrics,
-    init_clip_state,
+    init_base,
+    named,
     record,
     register_state,
 )
@@ -53,7 +55,16 @@ MAD_TO_STD = 1.4826
 
 
 def _threshold_metrics(state: Any) -> dict[str, jax.Array]:
-  return {**clip_state_metrics(state), "threshold": _value(state.threshold)}
+  """The shared metrics (``threshold`` and ``update_norm`` included) and ``observed``, the
+  number of finite norms the learned statistics absorbed."""
+  return {**clip_state_metrics(state), "observed": _value(state.observed)}
+
+
+def _zclip_metrics(state: Any) -> dict[str, jax.Array]:
+  """zclip's metrics and its learned statistics: ``mean`` (the EMA of the norm) and ``std``."""
+  var = _value(state.var)
+  return {**_threshold_metrics(state), "mean": _value(state.mu),
+          "std": jnp.sqrt(jnp.maximum(var, 0))}
 
 
 @register_state
@@ -75,6 +86,10 @@ class ZClipState(NamedTuple):
     mu: EMA of the (clipped) norm; during warm-up the median of the warm-up norms.
     var: EMA of the squared deviation; during warm-up ``(1.4826 * MAD)^2`` of the warm-up norms.
     warmup_norms: ``[warmup_steps]``, the finite norms seen during warm-up, in order.
+    leaf_norms: with ``leaf_metrics=True``, each leaf's pre-clip norm (a pytree shaped like the
+      updates); otherwise ``()``.
+    tag: uint8, the transformation's kind and ``name=`` as UTF-8 (``b"zclip/"``), so that
+      :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
   count: jax.Array
@@ -89,9 +104,11 @@ class ZClipState(NamedTuple):
   mu: jax.Array
   var: jax.Array
   warmup_norms: jax.Array
+  leaf_norms: Any = ()
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
-    return _threshold_metrics(self)
+    return _zclip_metrics(self)
 
 
 @register_state
@@ -111,6 +128,9 @@ class AutoClipState(NamedTuple):
     observed: int32, finite norms written to the history (saturates).
     cursor: int32, the slot the next finite norm is written to (wraps at ``history``).
     history: ``[history]``, ring buffer of the last finite pre-clip norms.
+    leaf_norms: with ``leaf_metrics=True``, each leaf's pre-clip norm; otherwise ``()``.
+    tag: uint8, the transformation's kind and ``name=`` as UTF-8 (``b"zclip/"``), so that
+      :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
   count: jax.Array
@@ -124,6 +144,8 @@ class AutoClipState(NamedTuple):
   observed: jax.Array
   cursor: jax.Array
   history: jax.Array
+  leaf_norms: Any = ()
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     return _threshold_metrics(self)
@@ -300,29 +322,32 @@ def _autoclip_policy(state: AutoClipState, norm: jax.Array, *, percentile):
 # ----------------------------------------------------------------------------- builders
 
 
-def _global_clipper(name, state_cls, init_stats, policy, invalid_fn, max_norm, axis_name,
-                    nonfinite):
+def _global_clipper(kind, state_cls, init_stats, policy, invalid_fn, max_norm, axis_name,
+                    nonfinite, name, leaf_metrics):
   """A global-norm clipper whose threshold comes from ``policy``."""
+  check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
-    del params
-    base = init_clip_state()
-    threshold = _cap(jnp.asarray(jnp.inf, base.norm.dtype), max_norm)
+    base = init_base()
+    dt = base.norm.dtype
+    threshold = _cap(jnp.asarray(jnp.inf, dt), max_norm)
     zero = jnp.zeros([], jnp.int32)
-    return state_cls(*base, threshold, zero, **init_stats(base.norm.dtype))
+    return state_cls(*base, threshold, zero, **init_stats(dt),
+                     leaf_norms=init_leaf_norms(params, leaf_metrics, dt))
 
   def update_fn(updates, state, params=None):
     del params
-    with jax.named_scope(f"clipax/{name}"):
+    with jax.named_scope(f"clipax/{kind}"):
       dt = state.norm.dtype
-      norm = global_norm(updates, axis_name=axis_name).astype(dt)
+      norm, leaves = measure(updates, axis_name=axis_name, leaf_metrics=leaf_metrics, dtype=dt)
+      norm = norm.astype(dt)
       invalid = _checks.any_of(invalid_fn(), _invalid_cap(max_norm))
       act = action(norm, nonfinite, invalid)
       limit, reported, stats = policy(state, norm)
       limit = _cap(limit, max_norm)
       scale, over = scale_for(norm, limit)
       treedef = jax.tree_util.tree_structure(updates)
-      out = treedef.unflatten([act.apply(g, scale) for g in float_leaves(updates, name)])
+      out = treedef.unflatten([act.apply(g, scale) for g in float_leaves(updates, kind)])
       ok = ~(act.bad if invalid is None else act.bad | invalid)
       old = {k: getattr(state, k) for k in stats}
       new_state = state_cls(
@@ -330,10 +355,11 @@ def _global_clipper(name, state_cls, init_stats, policy, invalid_fn, max_norm, a
           jnp.where(ok, _cap(reported, max_norm), state.threshold).astype(dt),
           add_count(state.observed, ok.astype(jnp.int32)),
           **_keep_if(ok, stats, old),
+          leaf_norms=leaves,
       )
       return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), kind, name)
 
 
 def zclip(
@@ -346,6 +372,8 @@ def zclip(
     warmup_stats: WarmupStats = "robust",
     axis_name: AxisName = None,
     nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""ZClip: clips global-norm spikes detected by a z-score against EMAs of the norm.
 
@@ -388,6 +416,10 @@ def zclip(
       norm over; the statistics are then identical on every device.
     nonfinite: ``"zero"`` (default) or ``"propagate"`` (passed through, still counted and kept
       out of the statistics).
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``zclip``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      computed in the same pass as the global norm.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipax.ZClipState`;
@@ -447,7 +479,8 @@ def zclip(
     )
 
   return _global_clipper(
-      "zclip", ZClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite
+      "zclip", ZClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite, name,
+      leaf_metrics,
   )
 
 
@@ -458,6 +491,8 @@ def autoclip(
     max_norm: Any = None,
     axis_name: AxisName = None,
     nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""AutoClip: clips to a percentile of the recent global norms, the current one included.
 
@@ -485,6 +520,10 @@ def autoclip(
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over.
     nonfinite: ``"zero"`` (default) or ``"propagate"``.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``autoclip``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      computed in the same pass as the global norm.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipax.AutoClipState`.
@@ -528,7 +567,8 @@ def autoclip(
     return _checks.invalid(percentile, low=0.0, high=100.0, high_open=False)
 
   return _global_clipper(
-      "autoclip", AutoClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite
+      "autoclip", AutoClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite,
+      name, leaf_metrics,
   )
 
 

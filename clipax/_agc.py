@@ -46,6 +46,8 @@ def adaptive_grad_clip(
     axes: ReductionAxes = None,
     units: UnitRule = "nfnets",
     nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
 
@@ -65,6 +67,10 @@ def adaptive_grad_clip(
     axes: ``None`` for the ``units`` rule, or a function from a leaf to the axes it reduces over.
     units: ``"nfnets"`` (default) or ``"last_axis"``.
     nonfinite: ``"zero"`` (default) or ``"propagate"``, as in :func:`clipax.clip_by_leaf_norm`.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``agc``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      from the per-leaf norms it computes anyway.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
@@ -113,4 +119,4 @@ def adaptive_grad_clip(
     )
     return _per_leaf_clip(updates, g_norms, limits, nonfinite, 2, invalid)
 
-  return _transformation("adaptive_grad_clip", clip_fn)
+  return _transformation("agc", clip_fn, clipping, name, leaf_metrics)

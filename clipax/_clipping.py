@@ -18,18 +18,19 @@ from jax import lax
 
 from clipax import _checks
 from clipax._checks import Nonfinite
+from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
 from clipax._norms import (
-    AxisName,
-    Replicated,
-    _global,
-    _leafwise,
-    by_ord,
-    canonical_ord,
-    check_replicated,
-    float_leaves,
-    global_norm,
+  AxisName,
+  Replicated,
+  _global,
+  _leafwise,
+  by_ord,
+  canonical_ord,
+  check_replicated,
+  float_leaves,
+  global_norm,
 )
-from clipax._state import init_clip_state, record
+from clipax._state import applied_norm, clip_state, init_clip_state, named, record, stat_dtype
 
 
 def scale_for(norm: jax.Array, max_norm: Any) -> tuple[jax.Array, jax.Array]:
@@ -212,6 +213,8 @@ def clip_by_global_norm(
     axis_name: AxisName = None,
     replicated: Replicated = None,
     nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""Scales all updates together so that their global norm is at most ``max_norm``.
 
@@ -238,6 +241,10 @@ def clip_by_global_norm(
     nonfinite: ``"zero"`` (default): a NaN/Inf norm gives all-zero updates and is counted in
       ``nonfinite_count``; ``"propagate"``: passed through (as optax and PyTorch do), still
       counted.
+    name: the name of this clipper's keys in :func:`clipax.metrics`
+      (``clip/{name}/norm``); default: its ``optax.named_chain`` key, else ``global_norm``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      computed in the same pass over the gradients as the global norm.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipax.ClipState`.
@@ -258,7 +265,7 @@ def clip_by_global_norm(
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> print([f"{u:.4f}" for u in updates["w"].tolist()])
     ['-0.7070', '-0.7070']
-    >>> print(f"{clipax.metrics(state)['clip/norm']:.2f}")
+    >>> print(f"{clipax.metrics(state)['clip/global_norm/norm']:.2f}")
     424.26
 
   References:
@@ -270,19 +277,21 @@ def clip_by_global_norm(
   check_replicated(replicated)
   _checks.axis_name(axis_name)
   ord = canonical_ord(ord)
+  check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
-    del params
-    return init_clip_state()
+    return init_clip_state(max_norm, init_leaf_norms(params, leaf_metrics, stat_dtype()))
 
   def update_fn(updates, state, params=None):
     del params
     with jax.named_scope("clipax/clip_by_global_norm"):
-      norm = global_norm(updates, ord=ord, axis_name=axis_name, replicated=replicated)
+      norm, leaves = measure(updates, ord=ord, axis_name=axis_name, replicated=replicated,
+                             leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
       out, scale, clipped, act = _clip(updates, norm, max_norm, nonfinite, "clip_by_global_norm")
-      return out, record(state, norm, scale, clipped, act.bad, act.invalid)
+      base = record(state, norm, scale, clipped, act.bad, act.invalid)
+      return out, clip_state(base, max_norm, applied_norm(base.norm, base.scale), leaves)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), "global_norm", name)
 
 
 def _clip_value_leaf(g: jax.Array, c: jax.Array) -> jax.Array:
@@ -296,7 +305,13 @@ def _clip_value_leaf(g: jax.Array, c: jax.Array) -> jax.Array:
   return jnp.clip(g, -c, c)
 
 
-def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.GradientTransformation:
+def clip_by_value(
+    max_value: Any,
+    *,
+    nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
+) -> optax.GradientTransformation:
   r"""Clips every element to ``[-max_value, max_value]``.
 
   .. math::
@@ -310,6 +325,9 @@ def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.Gra
     max_value: the bound ``c`` >= 0 (python number or array).
     nonfinite: ``"zero"`` (default) or ``"propagate"``, applied when the global norm of the
       update is NaN or Inf, as in :func:`clip_by_global_norm`.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``value``.
+    leaf_metrics: also keep every leaf's pre-clip L2 norm (``clip/{name}/leaf_norm/<path>``).
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`; its ``norm`` is the
@@ -330,15 +348,15 @@ def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.Gra
   """
   _checks.threshold("max_value", max_value)
   _checks.nonfinite(nonfinite)
+  check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
-    del params
-    return init_clip_state()
+    return init_clip_state(max_value, init_leaf_norms(params, leaf_metrics, stat_dtype()))
 
   def update_fn(updates, state, params=None):
     del params
     with jax.named_scope("clipax/clip_by_value"):
-      norm = global_norm(updates)
+      norm, leaves = measure(updates, leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
       peak = global_norm(updates, ord=math.inf)
       scale, over = scale_for(peak, max_value)
       c = jnp.maximum(jnp.asarray(max_value).astype(peak.dtype), 0)
@@ -348,9 +366,11 @@ def clip_by_value(max_value: Any, *, nonfinite: Nonfinite = "zero") -> optax.Gra
       out = treedef.unflatten([
           act.apply(_clip_value_leaf(g, c), one) for g in float_leaves(updates, "clip_by_value")
       ])
-      return out, record(state, norm, act.recorded(scale), act.clipped(over), act.bad, act.invalid)
+      base = record(state, norm, act.recorded(scale), act.clipped(over), act.bad, act.invalid)
+      after = jnp.where(base.scale == 0, 0, global_norm(out)) if float_leaves(out) else norm
+      return out, clip_state(base, max_value, after, leaves)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), "value", name)
 
 
 def _min_or_one(scales: list[jax.Array]) -> jax.Array:
@@ -369,7 +389,8 @@ def _per_leaf_clip(
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array, Action]:
   """Scales leaf ``i`` by ``min(1, t_i / n_i)`` (``n_i`` may be a keepdims array of units).
 
-  Returns ``(clipped updates, global norm, recorded scale, any clipped, action)``.
+  Returns ``(clipped updates, global norm, recorded scale, any clipped, action, post-clip
+  global norm, per-leaf norms)``.
   """
   treedef = jax.tree_util.tree_structure(updates)
   leaves = float_leaves(updates, "clip")
@@ -380,26 +401,45 @@ def _per_leaf_clip(
   act = action(norm, nonfinite, invalid)
   out = treedef.unflatten([act.apply(g, s) for g, s in zip(leaves, scales, strict=True)])
   any_over = jnp.any(jnp.stack([jnp.any(o) for o in overs])) if overs else jnp.zeros([], bool)
-  return out, norm, act.recorded(_min_or_one(list(scales))), act.clipped(any_over), act
+  per_leaf = [n if jnp.ndim(n) == 0 else combine_norms([n], ord) for n in norms]
+  after = by_ord(ord, lambda o: combine_norms(
+      [applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], o))
+  recorded = act.recorded(_min_or_one(list(scales)))
+  after = jnp.where(recorded == 0, 0, jnp.where(jnp.isnan(recorded), jnp.nan, after))
+  return out, norm, recorded, act.clipped(any_over), act, after, per_leaf
 
 
-def _transformation(name: str, clip_fn) -> optax.GradientTransformation:
-  """A stateful clipper from ``clip_fn(updates, params) -> (out, norm, scale, clipped, action)``."""
+def _transformation(
+    kind: str,
+    clip_fn,
+    threshold: Any,
+    name: str | None,
+    leaf_metrics: bool,
+) -> optax.GradientTransformation:
+  """A stateful clipper from ``clip_fn(updates, params)``, which returns what
+  :func:`_per_leaf_clip` does."""
+  check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
-    del params
-    return init_clip_state()
+    return init_clip_state(threshold, init_leaf_norms(params, leaf_metrics, stat_dtype()))
 
   def update_fn(updates, state, params=None):
-    with jax.named_scope(f"clipax/{name}"):
-      out, norm, scale, clipped, act = clip_fn(updates, params)
-      return out, record(state, norm, scale, clipped, act.bad, act.invalid)
+    with jax.named_scope(f"clipax/{kind}"):
+      out, norm, scale, clipped, act, after, per_leaf = clip_fn(updates, params)
+      base = record(state, norm, scale, clipped, act.bad, act.invalid)
+      leaves = as_tree(updates, per_leaf, base.norm.dtype) if leaf_metrics else ()
+      return out, clip_state(base, threshold, after, leaves)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), kind, name)
 
 
 def clip_by_leaf_norm(
-    max_norm: Any, *, ord: int | float | str = 2, nonfinite: Nonfinite = "zero"
+    max_norm: Any,
+    *,
+    ord: int | float | str = 2,
+    nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf on its own so that its norm is at most ``max_norm``.
 
@@ -411,6 +451,10 @@ def clip_by_leaf_norm(
     ord: 1, 2 (default) or ``math.inf``.
     nonfinite: ``"zero"`` (default): when the global norm is NaN or Inf every leaf is zeroed and
       the step counted; ``"propagate"``: passed through, counted.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``leaf_norm``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      from the per-leaf norms it computes anyway.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`: ``norm`` is the global
@@ -442,11 +486,15 @@ def clip_by_leaf_norm(
         updates, norms, [max_norm] * len(norms), nonfinite, ord, invalid_threshold(max_norm)
     )
 
-  return _transformation("clip_by_leaf_norm", clip_fn)
+  return _transformation("leaf_norm", clip_fn, max_norm, name, leaf_metrics)
 
 
 def clip_by_block_rms(
-    threshold: Any, *, nonfinite: Nonfinite = "zero"
+    threshold: Any,
+    *,
+    nonfinite: Nonfinite = "zero",
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf so that its root-mean-square is at most ``threshold``.
 
@@ -457,6 +505,10 @@ def clip_by_block_rms(
   Args:
     threshold: the RMS bound ``c`` >= 0 (python number or array).
     nonfinite: ``"zero"`` (default) or ``"propagate"``, as in :func:`clip_by_leaf_norm`.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``block_rms``.
+    leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
+      from the per-leaf norms it computes anyway.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
@@ -484,4 +536,4 @@ def clip_by_block_rms(
     limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(x.size) for x in leaves]
     return _per_leaf_clip(updates, norms, limits, nonfinite, 2, invalid_threshold(threshold))
 
-  return _transformation("clip_by_block_rms", clip_fn)
+  return _transformation("block_rms", clip_fn, threshold, name, leaf_metrics)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipax import _checks
-from clipax._state import metrics as _metrics
+from clipax._metrics import metrics as _metrics
 
 Status = Literal[
     "healthy", "never_clipping", "clipping_often", "unclipped_spikes", "poisoned_threshold",
@@ -60,7 +60,7 @@ class Verdict:
     skip_rate: fraction of those steps that were skipped by a guard (0 without a guard).
     nonfinite_count: steps whose gradient norm was NaN or Inf (over the whole run).
     last_norm: the last pre-clip gradient norm (``None`` if not recorded or NaN).
-    threshold: the last threshold of an adaptive clipper or spike guard (``None`` without one).
+    threshold: the last threshold reported (fixed or learned; ``None`` without one).
     guard: whether the state is a guard's (it skips steps rather than clipping them).
     kind: ``"fixed"``, ``"adaptive"``, ``"guard"`` or ``"spam"`` (see :data:`Kind`).
     recent_nonfinite: non-finite steps within ``window``.
@@ -221,7 +221,11 @@ def _kind(g: dict[str, np.ndarray]) -> Kind:
     return "spam"
   if "skipped_count" in g and "clipped_count" not in g:
     return "guard"
-  return "adaptive" if "threshold" in g else "fixed"
+  # adaptive clippers report how many norms their statistics absorbed; every clipper reports its
+  # threshold (in clipax 0.1 logs, only the adaptive ones did, and none reported update_norm)
+  if "observed" in g or ("threshold" in g and "update_norm" not in g):
+    return "adaptive"
+  return "fixed"
 
 
 def _acted(g: dict[str, np.ndarray]) -> np.ndarray:
@@ -418,7 +422,8 @@ def _verdict(
   if history and norm is not None:
     acted = acted_any | ~np.isfinite(norm)
     spikes = _unclipped_spikes(norm, acted, span, window, opts["spike_factor"])
-  poisoned = _poisoned(g, span, steps, min_steps, opts["threshold_factor"])
+  poisoned = (None if kind == "fixed"
+              else _poisoned(g, span, steps, min_steps, opts["threshold_factor"]))
 
   if recent_invalid > 0:
     status: Status = "invalid_hyperparameter"

@@ -16,7 +16,7 @@ import optax
 
 from clipax import _checks
 from clipax._norms import global_norm
-from clipax._state import _value, add_count, register_state, stat_dtype
+from clipax._state import _value, add_count, named, register_state, stat_dtype
 
 _F32 = jnp.float32
 
@@ -58,6 +58,8 @@ class SpamState(NamedTuple):
       ``stat_dtype()``.
     cursor: int32, the next write position in ``history`` (modulo its length).
     filled: int32, how many entries of ``history`` hold a norm (at most its length).
+    tag: uint8, the transformation's kind and ``name=`` as UTF-8 (``b"zclip/"``), so that
+      :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
   count: jax.Array
@@ -73,6 +75,7 @@ class SpamState(NamedTuple):
   history: jax.Array
   cursor: jax.Array
   filled: jax.Array
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     nonfinite, invalid = _value(self.nonfinite_count), _value(self.invalid_count)
@@ -211,6 +214,7 @@ def spam(
     reset_interval: Any = 500,
     warmup_steps: Any = 150,
     weight_decay: Any = 0.0,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike-aware clipping, momentum resets and a warm-up after each reset.
 
@@ -265,6 +269,8 @@ def spam(
     reset_interval: steps between momentum resets (integer in [1, 2**31 - 1]).
     warmup_steps: length of the cosine ramp after each reset (integer in [0, 2**31 - 1]).
     weight_decay: decoupled weight decay :math:`\lambda` >= 0; needs ``params`` unless 0.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``spam``.
 
   Returns:
     An ``optax.GradientTransformation`` (an optimizer: its updates are added to the
@@ -438,4 +444,4 @@ def spam(
         filled=keep(jnp.minimum(state.filled + 1, _HISTORY), state.filled),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return named(optax.GradientTransformation(init_fn, update_fn), "spam", name)

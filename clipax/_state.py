@@ -9,7 +9,6 @@ finds them anywhere inside an optax state (``chain``, ``inject_hyperparams``, ``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +31,13 @@ class ClipState(NamedTuple):
     nonfinite_count: int32, number of updates whose norm was NaN or Inf (saturates).
     invalid_count: int32, number of updates zeroed because a traced hyperparameter was NaN or
       out of its range (saturates); see :mod:`clipax._checks`.
+    threshold: the threshold in force at the last update as given (``max_norm``,
+      ``max_value``, the block RMS or AGC's ``clipping`` factor); ``inf`` means off.
+    update_norm: the global norm of the last update after clipping (0 when it was zeroed).
+    leaf_norms: with ``leaf_metrics=True``, a pytree shaped like the updates holding each leaf's
+      pre-clip norm; otherwise ``()``.
+    tag: uint8, the transformation's kind and ``name=`` as UTF-8 (``b"zclip/"``), so that
+      :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
   count: jax.Array
@@ -41,6 +47,10 @@ class ClipState(NamedTuple):
   clipped_count: jax.Array
   nonfinite_count: jax.Array
   invalid_count: jax.Array
+  threshold: jax.Array
+  update_norm: jax.Array
+  leaf_norms: Any
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     return clip_state_metrics(self)
@@ -62,10 +72,22 @@ def add_count(counter: jax.Array, amount: Any) -> jax.Array:
   return jnp.minimum(counter, INT_MAX - amount) + amount
 
 
-def init_clip_state() -> ClipState:
-  """A fresh :class:`ClipState`: zero counts, norm 0, scale 1."""
+class BaseFields(NamedTuple):
+  """The fields every clipper state starts with, in this order (see :class:`ClipState`)."""
+
+  count: jax.Array
+  norm: jax.Array
+  scale: jax.Array
+  clipped: jax.Array
+  clipped_count: jax.Array
+  nonfinite_count: jax.Array
+  invalid_count: jax.Array
+
+
+def init_base() -> BaseFields:
+  """The shared fields of a fresh state: zero counts, norm 0, scale 1."""
   zero = jnp.zeros([], jnp.int32)
-  return ClipState(
+  return BaseFields(
       count=zero,
       norm=jnp.zeros([], stat_dtype()),
       scale=jnp.ones([], stat_dtype()),
@@ -76,6 +98,17 @@ def init_clip_state() -> ClipState:
   )
 
 
+def init_clip_state(threshold: Any = jnp.inf, leaf_norms: Any = ()) -> ClipState:
+  """A fresh :class:`ClipState` (``threshold`` a python number or a concrete array)."""
+  base = init_base()
+  dt = stat_dtype()
+  try:
+    t = jnp.asarray(threshold).astype(dt).reshape([])
+  except (TypeError, ValueError):
+    t = jnp.asarray(jnp.inf, dt)
+  return ClipState(*base, threshold=t, update_norm=jnp.zeros([], dt), leaf_norms=leaf_norms)
+
+
 def record(
     state: ClipState,
     norm: jax.Array,
@@ -83,14 +116,14 @@ def record(
     clipped: jax.Array,
     nonfinite: jax.Array,
     invalid: jax.Array | None = None,
-) -> ClipState:
-  """The state after one update with this pre-clip norm, applied scale and flags.
+) -> BaseFields:
+  """The shared fields after one update with this pre-clip norm, applied scale and flags.
 
   Every counter saturates (:func:`add_count`); ``invalid`` (a traced hyperparameter out of its
   range, or ``None`` when none can be) is counted in ``invalid_count``.
   """
   dtype = state.norm.dtype
-  return ClipState(
+  return BaseFields(
       count=optax.safe_increment(state.count),
       norm=jnp.asarray(norm).astype(dtype),
       scale=jnp.asarray(scale).astype(dtype),
@@ -102,6 +135,22 @@ def record(
           else add_count(state.invalid_count, jnp.asarray(invalid, jnp.int32))
       ),
   )
+
+
+def clip_state(base: BaseFields, threshold: Any, update_norm: Any, leaf_norms: Any) -> ClipState:
+  """A :class:`ClipState` from the shared fields :func:`record` gave and the three others."""
+  dt = base.norm.dtype
+  return ClipState(
+      *base,
+      threshold=jnp.asarray(threshold).astype(dt).reshape([]),
+      update_norm=jnp.asarray(update_norm).astype(dt),
+      leaf_norms=leaf_norms,
+  )
+
+
+def applied_norm(norm: jax.Array, scale: jax.Array) -> jax.Array:
+  """The norm after scaling by ``scale`` (0 where the update was zeroed, whatever ``norm``)."""
+  return jnp.where(scale == 0, jnp.zeros_like(norm), norm * scale.astype(norm.dtype))
 
 
 def _is_wrapped(x: Any) -> bool:
@@ -136,15 +185,22 @@ def register_state(cls: type) -> type:
 register_state(ClipState)
 
 
+# Fields a dict form may drop when they hold nothing (``()``).
+_OPTIONAL = frozenset({"leaf_norms", "tag"})
+
+
 def _rebuild(fields: Mapping) -> Any:
   """The clipax state whose field names are exactly the keys of ``fields``, or ``None``."""
   keys = set(fields)
   for cls in _STATE_TYPES:
-    if keys == set(cls._fields):
+    # an empty ``leaf_norms`` (no leaf metrics) may be dropped by a dict form
+    if keys <= set(cls._fields) and set(cls._fields) - keys <= _OPTIONAL:
       values = {}
       for f in cls._fields:
         if f == "inner_state":  # searched separately, whatever its form
           values[f] = None
+        elif f not in fields:
+          values[f] = ()
         else:
           values[f] = jax.tree_util.tree_map(_value, fields[f], is_leaf=_is_wrapped)
       return cls(**values)
@@ -152,13 +208,17 @@ def _rebuild(fields: Mapping) -> Any:
 
 
 def clip_state_metrics(state: Any) -> dict[str, jax.Array]:
-  """The metrics shared by every state with the :class:`ClipState` fields."""
+  """The metrics shared by every state with the :class:`ClipState` fields (and, where the state
+  has them, ``threshold`` and ``update_norm``; a global clipper's post-clip norm is
+  ``norm * scale``)."""
   count = _value(state.count)
   clipped_count = _value(state.clipped_count)
   rate = clipped_count.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
-  return {
-      "norm": _value(state.norm),
-      "scale": _value(state.scale),
+  norm = _value(state.norm)
+  scale = _value(state.scale)
+  out = {
+      "norm": norm,
+      "scale": scale,
       "clipped": _value(state.clipped),
       "clip_rate": rate,
       "clipped_count": clipped_count,
@@ -166,125 +226,114 @@ def clip_state_metrics(state: Any) -> dict[str, jax.Array]:
       "invalid_count": _value(state.invalid_count),
       "count": count,
   }
+  update_norm = getattr(state, "update_norm", None)
+  out["update_norm"] = (
+      jnp.where(scale == 0, jnp.zeros_like(norm), norm * scale) if update_norm is None
+      else _value(update_norm))
+  threshold = getattr(state, "threshold", None)
+  if threshold is not None:
+    out["threshold"] = _value(threshold)
+  return out
+
+
+# ----------------------------------------------------------------------------- names
+# A transformation's kind and ``name=`` travel with its state as the state's *type*: a cached
+# subclass of the registered state class carrying two class attributes. The type is part of the
+# pytree structure, so it survives ``jit``, ``lax.scan``, ``tree_map``, Flax NNX variables and an
+# orbax or ``flax.serialization`` restore into a target; only the dict forms lose it (then
+# :func:`clipax.metrics` falls back to the ``named_chain`` key or the state's class).
+_NAMED_TYPES: dict[tuple[type, str, str | None], type] = {}
+
+
+def _base_type(cls: type) -> type:
+  for c in cls.__mro__:
+    if c in _STATE_TYPES:
+      return c
+  raise TypeError(f"{cls.__name__} is not a registered clipax state")
+
+
+def _unpickle(base: type, kind: str, name: str | None, values: tuple) -> Any:
+  return named_type(base, kind, name)(*values)
+
+
+def named_type(base: type, kind: str, name: str | None) -> type:
+  """The subclass of state class ``base`` that records a transformation's kind and name."""
+  key = (base, kind, name)
+  cls = _NAMED_TYPES.get(key)
+  if cls is None:
+    def __reduce__(self):  # noqa: N807 - pickles by the base class, which is importable
+      return _unpickle, (base, kind, name, tuple(self))
+
+    cls = type(base.__name__, (base,), {
+        "__slots__": (),
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__reduce__": __reduce__,
+        "clipax_kind": kind,
+        "clipax_name": name,
+    })
+    _NAMED_TYPES[key] = cls
+  return cls
+
+
+def encode_tag(kind: str, name: str | None) -> jax.Array:
+  """The ``tag`` field: ``"{kind}/{name}"`` as UTF-8 bytes (never empty)."""
+  return jnp.asarray(np.frombuffer(f"{kind}/{name or ''}".encode(), np.uint8))
+
+
+def decode_tag(value: Any) -> tuple[str, str | None] | None:
+  """``(kind, name)`` from a concrete ``tag`` field, ``None`` when it is absent or traced."""
+  try:
+    raw = np.asarray(value, np.uint8).tobytes().decode()
+  except (TypeError, ValueError, jax.errors.TracerArrayConversionError):
+    return None
+  kind, sep, name = raw.partition("/")
+  return (kind, name or None) if sep and kind else None
+
+
+def tag(state: Any, kind: str, name: str | None) -> Any:
+  """``state`` as an instance of its named type, its ``tag`` field set."""
+  cls = named_type(_base_type(type(state)), kind, name)
+  values = state._asdict()
+  if "tag" in values:
+    values["tag"] = encode_tag(kind, name)
+  return cls(**values)
+
+
+def check_name(name: Any) -> str | None:
+  """``name=``: ``None`` or a non-empty string without ``/`` (it becomes one part of a key)."""
+  if name is None:
+    return None
+  if not isinstance(name, str) or not name or "/" in name:
+    raise TypeError(
+        f"`name` must be None or a non-empty str without '/', got {name!r}"
+        + ("" if isinstance(name, str) else f" of type {type(name).__name__}"))
+  return name
+
+
+def named(tx: Any, kind: str, name: str | None) -> Any:
+  """``tx`` whose states carry ``kind`` and ``name`` (see :func:`tag`); the same class of
+  transformation as ``tx``, extra arguments passed through."""
+  name = check_name(name)
+
+  def init_fn(params):
+    return tag(tx.init(params), kind, name)
+
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    def update_fn(updates, state, params=None, **extra_args):
+      out, new_state = tx.update(updates, state, params, **extra_args)
+      return out, tag(new_state, kind, name)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  def update_fn(updates, state, params=None):
+    out, new_state = tx.update(updates, state, params)
+    return out, tag(new_state, kind, name)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def is_clipax_state(x: Any) -> bool:
   return isinstance(x, tuple) and callable(getattr(x, "clipax_metrics", None))
 
 
-def _is_pure_state(x: Any) -> bool:
-  """A clipax state flattened to a ``dict`` (``nnx.to_pure_dict``, a restored checkpoint)."""
-  if not isinstance(x, Mapping):
-    return False
-  keys = set(x)
-  return any(keys == set(c._fields) for c in _STATE_TYPES) or keys >= set(ClipState._fields)
-
-
-class _PureState:
-  """Reads the metrics of a state that lost its NamedTuple type on the way through a dict."""
-
-  def __init__(self, fields: Mapping):
-    self.fields = fields
-
-  def clipax_metrics(self) -> dict[str, jax.Array]:
-    out = clip_state_metrics(SimpleNamespace(**{f: self.fields[f] for f in ClipState._fields}))
-    for extra in ("threshold", "skipped_count"):
-      if extra in self.fields:
-        out[extra] = _value(self.fields[extra])
-    return out
-
-
-def _is_state(x: Any) -> bool:
-  return is_clipax_state(x) or _is_pure_state(x)
-
-
-def _find(node: Any, found: list) -> None:
-  for leaf in jax.tree_util.tree_leaves(node, is_leaf=_is_state):
-    if is_clipax_state(leaf):
-      found.append(leaf)
-      inner = getattr(leaf, "inner_state", None)
-      if inner is not None:
-        _find(inner, found)
-    elif _is_pure_state(leaf):
-      rebuilt = _rebuild(leaf)
-      found.append(_PureState(leaf) if rebuilt is None else rebuilt)
-      if "inner_state" in leaf:
-        _find(leaf["inner_state"], found)
-
-
-def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
-  """A flat ``dict`` of every clipax metric found inside an optax state.
-
-  Finds clipax states anywhere inside ``opt_state``: ``optax.chain``, ``inject_hyperparams``,
-  ``MultiSteps``, ``masked``/``partition``, a Flax ``nnx.Optimizer``'s ``opt_state`` and clipax
-  guards around other optimizers; and in every dict form of those states (``nnx.State``,
-  ``nnx.to_pure_dict``, ``flax.serialization.to_state_dict``, an orbax checkpoint restored with
-  or without a target), recognised by their field names. With one clipper the keys are
-  ``"{prefix}/norm"``,
-  ``"{prefix}/scale"``, ``"{prefix}/clipped"``, ``"{prefix}/clip_rate"`` (clipped updates / all
-  updates), ``"{prefix}/clipped_count"``, ``"{prefix}/nonfinite_count"`` and ``"{prefix}/count"``;
-  adaptive clippers add ``threshold`` and guards ``skipped_count``. With several clippers
-  each gets its position in the state: ``"{prefix}/0/norm"``, ``"{prefix}/1/norm"``, ...
-  Under ``optax.MultiSteps`` the clipax states are updated once per optimizer step, so their
-  metrics describe the last real update; ``"{prefix}/updated"`` says whether the call that
-  produced ``opt_state`` applied one (``False`` while gradients are being accumulated).
-
-  Args:
-    opt_state: any optax state (or a pytree holding one).
-    prefix: the first part of every key.
-
-  Returns:
-    ``dict[str, jax.Array]`` of scalars; empty if no clipax state is found. Works under ``jit``.
-
-  Raises:
-    TypeError: if ``prefix`` is not a non-empty string.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import clipax
-    >>> tx = optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1))
-    >>> params = {"w": jnp.ones(3)}
-    >>> state = tx.init(params)
-    >>> _, state = tx.update({"w": jnp.full(3, 2.0)}, state, params)
-    >>> m = clipax.metrics(state)
-    >>> print(f"{m['clip/norm']:.3f} {m['clip/clip_rate']:.1f} {bool(m['clip/clipped'])}")
-    3.464 1.0 True
-  """
-  if not isinstance(prefix, str) or not prefix:
-    raise TypeError(f"`prefix` must be a non-empty str, got {prefix!r}")
-  found: list = []
-  _find(opt_state, found)
-  out: dict[str, jax.Array] = {}
-  for i, state in enumerate(found):
-    head = prefix if len(found) == 1 else f"{prefix}/{i}"
-    for key, value in state.clipax_metrics().items():
-      out[f"{head}/{key}"] = value
-  multi = _multi_steps(opt_state)
-  if found and multi is not None:
-    out[f"{prefix}/updated"] = _updated(multi)
-  return out
-
-
-_MULTI_STEPS_FIELDS = frozenset(optax.MultiStepsState._fields)
-
-
-def _is_multi_steps(x: Any) -> bool:
-  return isinstance(x, optax.MultiStepsState) or (
-      isinstance(x, Mapping) and set(x) == _MULTI_STEPS_FIELDS)
-
-
-def _multi_steps(opt_state: Any) -> Any:
-  """The outermost ``optax.MultiSteps`` state inside ``opt_state`` (any form), or ``None``."""
-  for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_multi_steps):
-    if _is_multi_steps(leaf):
-      return leaf
-  return None
-
-
-def _updated(multi: Any) -> jax.Array:
-  """Whether the call that produced this ``MultiSteps`` state applied an optimizer update: the
-  mini-step counter is back at 0 and at least one update was made. Until then the clipax
-  metrics inside keep describing the last real update."""
-  field = (lambda f: multi[f]) if isinstance(multi, Mapping) else (lambda f: getattr(multi, f))
-  return (_value(field("mini_step")) == 0) & (_value(field("gradient_step")) > 0)

@@ -3,7 +3,9 @@
 Each row builds one transformation with small, fast settings; ``hparam`` names a numeric
 hyperparameter that ``optax.inject_hyperparams`` can trace (``None`` when there is none), and
 ``stats`` the float fields of its state that are statistics (they must stay finite under any
-fault; ``norm`` and ``threshold`` record what was measured and may be inf).
+fault; ``norm``, ``threshold``, ``update_norm`` and ``leaf_norms`` record what was measured and
+may be inf). ``clipax.monitor`` is not here: it is not a safety net (it passes non-finite
+updates through by design) and has its own tests in ``test_metric_keys.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ CLIPPERS = [
     Case("adaptive_grad_clip", clipax.adaptive_grad_clip, (), {"clipping": 0.01}, "clipping",
          inf_is_off=True),
     Case("zclip", clipax.zclip, (), {"warmup_steps": 1}, "z_threshold"),
+    # per-leaf norms kept in the state: a pytree shaped like the parameters
+    Case("zclip_leaf_metrics", clipax.zclip, (), {"warmup_steps": 1, "leaf_metrics": True},
+         "z_threshold"),
     Case("autoclip", clipax.autoclip, (), {"percentile": 10.0, "history": 16}, "percentile"),
     Case("adagc", clipax.adagc, (), {"warmup_steps": 1}, "ratio"),
     Case("skip_nonfinite", clipax.skip_nonfinite, (_sgd(),), {}, None, "guard"),

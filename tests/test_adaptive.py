@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _keys import field
 from _refs import (
-    as64,
-    assert_resume_is_bit_identical,
-    assert_trees_equal,
-    norm64,
-    run_scan,
-    spiky_norms,
+  as64,
+  assert_resume_is_bit_identical,
+  assert_trees_equal,
+  norm64,
+  run_scan,
+  spiky_norms,
 )
 
 import clipax
@@ -347,7 +348,6 @@ def test_nonfinite_is_zeroed_counted_and_kept_out_of_statistics(make, params, ba
     assert int(after.nonfinite_count) == 1
     assert not bool(after.clipped)
     stats = {k: v for k, v in after._asdict().items() if k not in clipax.ClipState._fields}
-    stats.pop("threshold")
     before = {k: v for k, v in state._asdict().items() if k in stats}
     assert_trees_equal(stats, before)
     # The next finite step behaves as if the bad one never happened.
@@ -451,10 +451,10 @@ def test_metrics_report_threshold_next_to_clipstate_metrics():
   state = tx.init(params)
   _, state = jax.jit(tx.update)({"w": jnp.asarray([3.0, 4.0])}, state, params)
   m = clipax.metrics(state)
-  assert float(m["clip/threshold"]) == 0.5
-  np.testing.assert_allclose(float(m["clip/norm"]), 5.0, rtol=RTOL)
-  assert float(m["clip/clip_rate"]) == 1.0
-  assert int(m["clip/nonfinite_count"]) == 0
+  assert float(field(m, "threshold")) == 0.5
+  np.testing.assert_allclose(float(field(m, "norm")), 5.0, rtol=RTOL)
+  assert float(field(m, "clip_rate")) == 1.0
+  assert int(field(m, "nonfinite_count")) == 0
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -546,9 +546,9 @@ def test_soak_hundred_thousand_steps_heavy_tailed_spikes():
       ("adagc", clipax.adagc()),
   ]:
     final, (out, _) = run_scan(tx, grads, params)
-    for field, leaf in final._asdict().items():
+    for fname, leaf in final._asdict().items():
       for x in jax.tree_util.tree_leaves(leaf):
-        assert np.all(np.isfinite(np.asarray(x))), (name, field)
+        assert np.all(np.isfinite(np.asarray(x))), (name, fname)
     out_norms = np.linalg.norm(as64(out["w"]), axis=1)
     assert np.all(np.isfinite(out_norms))
     assert int(final.nonfinite_count) == 50

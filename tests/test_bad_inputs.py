@@ -270,6 +270,11 @@ PREFIX = Values(valid=("clip", "train/clip"), bad=(1, None, b"clip", 1.5, ["clip
 METRICS_PREFIX = Values(valid=PREFIX.valid, bad=(*PREFIX.bad, ""))  # "a non-empty string"
 SCHEDULE = optax.constant_schedule(0.1)
 
+NAME = Values(valid=(None, "clip", "layer_0.w"),
+              bad=("", "a/b", "/", 1, b"clip", ["clip"], True, 1.5))
+LEAF_METRICS = Values(valid=(True, False), bad=(1, 0, "yes", None, np.bool_(True), [True]))
+NAMING = {"name": NAME, "leaf_metrics": LEAF_METRICS}
+
 METRICS = {"clip/count": 10, "clip/clipped_count": 1, "clip/nonfinite_count": 0}
 
 
@@ -295,16 +300,16 @@ class Target:
 TARGETS = [
     Target("clip_by_global_norm", {"max_norm": 1.0},
            {"max_norm": THRESHOLD, "ord": ORD, "axis_name": AXIS_NAME,
-            "replicated": REPLICATED, "nonfinite": NONFINITE}),
+            "replicated": REPLICATED, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_value", {"max_value": 1.0},
-           {"max_value": THRESHOLD, "nonfinite": NONFINITE}),
+           {"max_value": THRESHOLD, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_leaf_norm", {"max_norm": 1.0},
-           {"max_norm": THRESHOLD, "ord": ORD, "nonfinite": NONFINITE}),
+           {"max_norm": THRESHOLD, "ord": ORD, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_block_rms", {"threshold": 1.0},
-           {"threshold": THRESHOLD, "nonfinite": NONFINITE}),
+           {"threshold": THRESHOLD, "nonfinite": NONFINITE, **NAMING}),
     Target("adaptive_grad_clip", {"clipping": 0.1},
            {"clipping": THRESHOLD, "eps": Num(1e-3, low_open=True), "axes": AGC_AXES,
-            "units": UNITS, "nonfinite": NONFINITE}),
+            "units": UNITS, "nonfinite": NONFINITE, **NAMING}),
     Target("zclip", {"warmup_steps": 3},
            {"alpha": Num(0.97, low_open=True, high=1.0),
             "z_threshold": Num(2.5, low_open=True),
@@ -312,15 +317,15 @@ TARGETS = [
             "max_norm": OPTIONAL_THRESHOLD,
             "mode": Choice(("reciprocal", "mean", "zscore")),
             "warmup_stats": Choice(("robust", "mean")),
-            "axis_name": AXIS_NAME, "nonfinite": NONFINITE}),
+            "axis_name": AXIS_NAME, "nonfinite": NONFINITE, **NAMING}),
     Target("autoclip", {"percentile": 10.0, "history": 4},
            {"percentile": Num(10.0, high=100.0, high_open=False),
             "history": Num(4, low=1, integer=True, static=True, length_only=True),
-            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE}),
+            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE, **NAMING}),
     Target("adagc", {"warmup_steps": 3},
            {"ratio": Num(1.04, low_open=True), "beta": Num(0.99, high=1.0),
             "warmup_steps": Num(3, low=1, integer=True), "warmup_max_norm": THRESHOLD,
-            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE}),
+            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE, **NAMING}),
     Target("skip_nonfinite", {"inner": SGD},
            {"inner": INNER, "max_consecutive": Num(2, integer=True, optional=True),
             "axis_name": AXIS_NAME}),
@@ -337,7 +342,9 @@ TARGETS = [
             "b1": Num(0.9, high=1.0), "b2": Num(0.999, high=1.0),
             "eps": Num(1e-6, low_open=True), "theta": Num(5000.0),
             "reset_interval": Num(500, low=1, integer=True),
-            "warmup_steps": Num(150, integer=True), "weight_decay": Num(0.01)}),
+            "warmup_steps": Num(150, integer=True), "weight_decay": Num(0.01), "name": NAME}),
+    Target("monitor", {},
+           {"ord": ORD, "axis_name": AXIS_NAME, "replicated": REPLICATED, **NAMING}),
     Target("clip_with_norm", {"tree": GRADS, "norm": 2.0, "max_norm": 1.0},
            {"max_norm": THRESHOLD, "nonfinite": NONFINITE},
            transform=False, batteries=("tree", "norm")),
