@@ -121,7 +121,8 @@ def _offenders(states) -> list[str]:
   with the first such step (``states`` has a leading step axis)."""
   found = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(states)[0]:
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) or _field(path) in ("norm", "update_norm", "leaf_norms"):
+    measured = _field(path) in ("norm", "update_norm", "leaf_norms")
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) or measured:
       continue
     x = as64(leaf).reshape(leaf.shape[0], -1)
     bad = np.isnan(x) if _field(path) == "threshold" else ~np.isfinite(x)
