@@ -52,7 +52,7 @@ class Verdict:
     status: one of :data:`Status`.
     advice: what to do, written for the kind of transformation read (``kind``).
     source: the metrics prefix of the clipper the verdict is about (the most severe one when there
-      are several), e.g. ``"clip"`` or ``"clip/1"``.
+      are several), e.g. ``"clip/global_norm"``.
     steps: optimizer steps the clipper has seen.
     window: the steps the rates were computed over (all ``steps`` when only totals were given,
       else the most recent ``window`` steps of the history).

@@ -55,9 +55,9 @@ def suggest_max_norm(
   The rule: ``margin * percentile(norms[-window:], percentile)`` (numpy's default linear
   interpolation). With the defaults, the 95th percentile of the last 1,000 norms times 1.2:
   ordinary steps pass untouched and only the outliers are clipped. Log the norms with
-  ``clipax.metrics(state)["clip/norm"]`` (or :func:`clipax.global_norm` of the gradients) during a
-  run without clipping, or with a loose threshold. A non-finite step logs a NaN or Inf norm: pass
-  ``ignore_nonfinite=True`` to leave those out (after windowing).
+  ``clipax.metrics(state)["clip/global_norm/norm"]`` (or :func:`clipax.global_norm` of the
+  gradients) during a run without clipping, or with a loose threshold. A non-finite step logs a
+  NaN or Inf norm: pass ``ignore_nonfinite=True`` to leave those out (after windowing).
 
   Args:
     norms: a non-empty sequence or array of pre-clip gradient norms (numbers >= 0), oldest first.

@@ -141,19 +141,23 @@ def quickstart() -> list[nbformat.NotebookNode]:
             print(f"{key:22s} {value}")
           """),
       md("""
-          `clip/norm` is the norm *before* clipping, `clip/scale` the factor applied
-          (`min(1, max_norm / norm)`), `clip/clip_rate` the fraction of steps clipped so far.
+          Keys are `clip/{name}/{metric}`, the name being the clipper's kind here
+          (`global_norm`). `norm` is the norm *before* clipping, `update_norm` after it, `scale`
+          the factor applied (`min(1, max_norm / norm)`), `threshold` the one in force and
+          `clip_rate` the fraction of steps clipped so far.
           The norm is the one `clipax.global_norm` computes, and numpy agrees:
           """),
       code("""
           flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]).astype(np.float64)
-          print(f"metrics {float(m['clip/norm']):.6f}")
+          print(f"metrics {float(m['clip/global_norm/norm']):.6f}")
           print(f"clipax.global_norm {float(clipax.global_norm(grads)):.6f}")
           print(f"numpy float64 {np.linalg.norm(flat):.6f}")
           """),
       md("""
-          With several clippers in one chain each gets its position in the keys, and the adaptive
-          ones add the threshold they learned. Here ZClip learns the normal range of the global
+          With several clippers in one chain each gets its own name in the keys: the `name=`
+          argument, else its `optax.named_chain` key, else its kind (`zclip`, `global_norm`), so
+          adding a clipper never renames another's keys. Each reports the threshold in force, the
+          adaptive ones the threshold they learned. Here ZClip learns the normal range of the global
           norm over a 5-step warm-up and clips the spike on step 8 back into it, while a fixed
           `clip_by_global_norm(10.0)` behind it stays as a hard cap:
           """),
@@ -174,8 +178,10 @@ def quickstart() -> list[nbformat.NotebookNode]:
             )
             _, state2 = update2(g, state2, params)
             m2 = clipax.metrics(state2)
-            print(f"{i:4d} {float(m2['clip/0/norm']):8.3f} {float(m2['clip/0/threshold']):10.3f}"
-                  f" {bool(m2['clip/0/clipped'])!s:>14} {float(m2['clip/1/norm']):17.3f}")
+            print(f"{i:4d} {float(m2['clip/zclip/norm']):8.3f}"
+                  f" {float(m2['clip/zclip/threshold']):10.3f}"
+                  f" {bool(m2['clip/zclip/clipped'])!s:>14}"
+                  f" {float(m2['clip/global_norm/norm']):17.3f}")
           print(sorted(m2))
           """),
       md("""
@@ -184,8 +190,8 @@ def quickstart() -> list[nbformat.NotebookNode]:
           A single `inf` in the gradient makes its norm infinite. `optax.clip_by_global_norm`
           then multiplies the gradient by `max_norm / inf = 0`, and `inf * 0` is NaN: the NaN
           reaches the weights. clipax's default `nonfinite="zero"` turns such a step into a zero
-          update and counts it in `clip/nonfinite_count`, so the run goes on and the event shows up
-          in the logs.
+          update and counts it in `clip/global_norm/nonfinite_count`, so the run goes on and the
+          event shows up in the logs.
           """),
       code("""
           bad = {"w": jnp.ones((3, 2)).at[0, 0].set(jnp.inf), "b": jnp.ones(2)}
@@ -201,7 +207,8 @@ def quickstart() -> list[nbformat.NotebookNode]:
             finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
             print(f"{name:7s} params finite after the step: {finite}")
 
-          print("clipax nonfinite_count:", int(clipax.metrics(state3)["clip/nonfinite_count"]))
+          m3 = clipax.metrics(state3)
+          print("clipax nonfinite_count:", int(m3["clip/global_norm/nonfinite_count"]))
           """),
       md("""
           ## 3. Flax NNX: `nnx.Optimizer`
@@ -269,14 +276,15 @@ def quickstart() -> list[nbformat.NotebookNode]:
           model, optimizer, losses, history = fit_nnx(clipax.clip_by_global_norm(MAX_NORM))
           last = clipax.metrics(nnx.as_pure(optimizer.opt_state))
           print(f"loss on the last clean batches {clean_loss(losses):.4f}")
-          print(f"clipped {int(last['clip/clipped_count'])} of {int(last['clip/count'])} steps")
+          print(f"clipped {int(last['clip/global_norm/clipped_count'])} "
+                f"of {int(last['clip/global_norm/count'])} steps")
           """),
       code("""
           import matplotlib.pyplot as plt
           from matplotlib.ticker import FuncFormatter, NullFormatter
 
-          norms = np.array([m["clip/norm"] for m in history])
-          clipped = np.array([bool(m["clip/clipped"]) for m in history])
+          norms = np.array([m["clip/global_norm/norm"] for m in history])
+          clipped = np.array([bool(m["clip/global_norm/clipped"]) for m in history])
           loss = np.array(losses)
           steps = np.arange(len(norms))
           bad = np.array([corrupted(step) for step in steps])
@@ -349,7 +357,7 @@ def quickstart() -> list[nbformat.NotebookNode]:
             state, loss, m = linen_step(state, *batch(step))
             linen_losses.append(loss)
           print(f"loss on the last clean batches {clean_loss(jax.device_get(linen_losses)):.4f}, "
-                f"clip rate {float(m['clip/clip_rate']):.2f}")
+                f"clip rate {float(m['clip/global_norm/clip_rate']):.2f}")
           """),
       md("""
           ## 5. Is the threshold right? `clipax.diagnose`
@@ -380,7 +388,7 @@ def quickstart() -> list[nbformat.NotebookNode]:
 
           _, _, loose_losses, loose = fit_nnx(clipax.clip_by_global_norm(1e6))
           report("max_norm=1e6 (never clips)", loose_losses, loose)
-          suggested = clipax.suggest_max_norm([m["clip/norm"] for m in loose])
+          suggested = clipax.suggest_max_norm([m["clip/global_norm/norm"] for m in loose])
 
           SUGGESTED = f"suggested max_norm={suggested:.3f}"
           _, _, tuned_losses, tuned = fit_nnx(clipax.clip_by_global_norm(suggested))
@@ -582,11 +590,12 @@ def cliff() -> list[nbformat.NotebookNode]:
           norms = []
           for _ in range(config.steps):
             p, state = step(p, state)
-            norms.append(clipax.metrics(state)["clip/norm"])
+            norms.append(clipax.metrics(state)["clip/global_norm/norm"])
           m = clipax.metrics(state)
           print(f"final point {np.round(np.asarray(p), 3)}, experiment "
                 f"{np.round(result['arms']['norm']['final_point'], 3)}")
-          print(f"clipped {int(m['clip/clipped_count'])} of {int(m['clip/count'])} steps; "
+          print(f"clipped {int(m['clip/global_norm/clipped_count'])} "
+                f"of {int(m['clip/global_norm/count'])} steps; "
                 f"largest pre-clip norm {float(np.max(norms)):.1f}")
           print(clipax.diagnose(state))
           """),
@@ -844,7 +853,7 @@ def adaptive_spiky_lm() -> list[nbformat.NotebookNode]:
 
           Guards and clippers compose. A guard for the rare catastrophic batch, with an adaptive
           clipper for the ordinary outliers, is one line, and `clipax.metrics` reports both
-          (`clip/0/...` for the guard, `clip/1/...` for the clipper):
+          (`clip/skip_spikes/...` for the guard, `clip/zclip/...` for the clipper):
 
           ```python
           tx = clipax.skip_spikes(optax.chain(clipax.zclip(), optax.adamw(3e-3)))

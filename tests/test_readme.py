@@ -7,20 +7,23 @@ import io
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _quickstart():
+def _section(title):
   text = README.read_text()
-  section = text[text.index("## Quickstart"):]
+  section = text[text.index(f"## {title}\n"):]
   section = section[: section.index("\n## ", 3)]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   printed = re.search(r"prints \(pasted from a run\):\n\n```\n(.*?)```", section, re.S).group(1)
   return code, printed
 
 
-def test_quickstart_prints_what_the_readme_shows():
-  code, printed = _quickstart()
+@pytest.mark.parametrize("title", ["Quickstart", "Metrics"])
+def test_readme_example_prints_what_the_readme_shows(title):
+  code, printed = _section(title)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     exec(compile(code, str(README), "exec"), {})
