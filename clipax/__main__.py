@@ -106,6 +106,8 @@ def _bench(argv: list[str]) -> int:
     )
     return 2
   spec = importlib.util.spec_from_file_location("clipax_bench_clip", BENCH_SCRIPT)
+  if spec is None or spec.loader is None:
+    raise RuntimeError(f"cannot load {BENCH_SCRIPT}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   module.main(argv)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._adaptive import (
@@ -54,7 +55,7 @@ class AdaGCState(NamedTuple):
       :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -101,11 +102,11 @@ def _adagc_policy(state: AdaGCState, norms, global_n, *, ratio, beta, warmup_ste
 
 def adagc(
     *,
-    ratio: Any = 1.04,
-    beta: Any = 0.99,
-    warmup_steps: Any = 100,
-    warmup_max_norm: Any = 1.0,
-    max_norm: Any = None,
+    ratio: ArrayLike = 1.04,
+    beta: ArrayLike = 0.99,
+    warmup_steps: ArrayLike = 100,
+    warmup_max_norm: ArrayLike = 1.0,
+    max_norm: ArrayLike | None = None,
     axis_name: AxisName = None,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
@@ -35,13 +36,13 @@ from clipax._clipping import action, invalid_threshold, scale_for
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
 from clipax._norms import AxisName, float_leaves
 from clipax._state import (
-    _value,
-    add_count,
-    clip_state_metrics,
-    init_base,
-    named,
-    record,
-    register_state,
+  _value,
+  add_count,
+  clip_state_metrics,
+  init_base,
+  named,
+  record,
+  register_state,
 )
 
 ZClipMode = Literal["reciprocal", "mean", "zscore"]
@@ -92,7 +93,7 @@ class ZClipState(NamedTuple):
       :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -133,7 +134,7 @@ class AutoClipState(NamedTuple):
       :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -364,10 +365,10 @@ def _global_clipper(kind, state_cls, init_stats, policy, invalid_fn, max_norm, a
 
 def zclip(
     *,
-    alpha: Any = 0.97,
-    z_threshold: Any = 2.5,
-    warmup_steps: Any = 25,
-    max_norm: Any = 1.0,
+    alpha: ArrayLike = 0.97,
+    z_threshold: ArrayLike = 2.5,
+    warmup_steps: ArrayLike = 25,
+    max_norm: ArrayLike = 1.0,
     mode: ZClipMode = "reciprocal",
     warmup_stats: WarmupStats = "robust",
     axis_name: AxisName = None,
@@ -485,10 +486,10 @@ def zclip(
 
 
 def autoclip(
-    percentile: Any = 10.0,
+    percentile: ArrayLike = 10.0,
     *,
     history: int = 1000,
-    max_norm: Any = None,
+    max_norm: ArrayLike | None = None,
     axis_name: AxisName = None,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,

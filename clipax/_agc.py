@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
@@ -23,8 +24,8 @@ from clipax._unitwise import unitwise_norms
 
 def _paired(updates: Any, params: Any) -> None:
   """Raises ``ValueError`` unless ``params`` has the structure and leaf shapes of ``updates``."""
-  u_def = jax.tree_util.tree_structure(updates)
-  p_def = jax.tree_util.tree_structure(params)
+  u_def: Any = jax.tree_util.tree_structure(updates)
+  p_def: Any = jax.tree_util.tree_structure(params)
   if u_def != p_def:
     raise ValueError(
         "adaptive_grad_clip: `params` and `updates` have different tree structures (leaves are "
@@ -40,9 +41,9 @@ def _paired(updates: Any, params: Any) -> None:
 
 
 def adaptive_grad_clip(
-    clipping: Any,
+    clipping: ArrayLike,
     *,
-    eps: Any = 1e-3,
+    eps: ArrayLike = 1e-3,
     axes: ReductionAxes = None,
     units: UnitRule = "nfnets",
     nonfinite: Nonfinite = "zero",

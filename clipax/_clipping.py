@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
@@ -145,7 +146,7 @@ def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
 def _clip(
     tree: Any, norm: jax.Array, max_norm: Any, nonfinite: Nonfinite, what: str
 ) -> tuple[Any, jax.Array, jax.Array, Action]:
-  treedef = jax.tree_util.tree_structure(tree)
+  treedef: Any = jax.tree_util.tree_structure(tree)
   leaves = float_leaves(tree, what)
   scale, over = scale_for(norm, max_norm)
   act = action(norm, nonfinite, invalid_threshold(max_norm))
@@ -153,7 +154,9 @@ def _clip(
   return out, act.recorded(scale), act.clipped(over), act
 
 
-def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonfinite = "zero"):
+def clip_with_norm(
+    tree: Any, norm: ArrayLike, max_norm: ArrayLike, *, nonfinite: Nonfinite = "zero"
+) -> Any:
   """Scales ``tree`` by ``min(1, max_norm / norm)`` using a norm you already have.
 
   The second half of the two-phase pair :func:`global_norm` then :func:`clip_with_norm`: compute
@@ -207,7 +210,7 @@ def clip_with_norm(tree: Any, norm: jax.Array, max_norm: Any, *, nonfinite: Nonf
 
 
 def clip_by_global_norm(
-    max_norm: Any,
+    max_norm: ArrayLike,
     *,
     ord: int | float | str = 2,
     axis_name: AxisName = None,
@@ -306,7 +309,7 @@ def _clip_value_leaf(g: jax.Array, c: jax.Array) -> jax.Array:
 
 
 def clip_by_value(
-    max_value: Any,
+    max_value: ArrayLike,
     *,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
@@ -361,7 +364,7 @@ def clip_by_value(
       scale, over = scale_for(peak, max_value)
       c = jnp.maximum(jnp.asarray(max_value).astype(peak.dtype), 0)
       act = action(norm, nonfinite, invalid_threshold(max_value))
-      treedef = jax.tree_util.tree_structure(updates)
+      treedef: Any = jax.tree_util.tree_structure(updates)
       one = jnp.ones([], jnp.float32)
       out = treedef.unflatten([
           act.apply(_clip_value_leaf(g, c), one) for g in float_leaves(updates, "clip_by_value")
@@ -386,13 +389,13 @@ def _per_leaf_clip(
     nonfinite: Nonfinite,
     ord: float,
     invalid: jax.Array | None,
-) -> tuple[Any, jax.Array, jax.Array, jax.Array, Action]:
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, Action, jax.Array, list[jax.Array]]:
   """Scales leaf ``i`` by ``min(1, t_i / n_i)`` (``n_i`` may be a keepdims array of units).
 
   Returns ``(clipped updates, global norm, recorded scale, any clipped, action, post-clip
   global norm, per-leaf norms)``.
   """
-  treedef = jax.tree_util.tree_structure(updates)
+  treedef: Any = jax.tree_util.tree_structure(updates)
   leaves = float_leaves(updates, "clip")
   pairs = [scale_for(n, t) for n, t in zip(norms, thresholds, strict=True)]
   scales = [s for s, _ in pairs]
@@ -412,7 +415,7 @@ def _per_leaf_clip(
 def _transformation(
     kind: str,
     clip_fn,
-    threshold: Any,
+    threshold: ArrayLike,
     name: str | None,
     leaf_metrics: bool,
 ) -> optax.GradientTransformation:
@@ -434,7 +437,7 @@ def _transformation(
 
 
 def clip_by_leaf_norm(
-    max_norm: Any,
+    max_norm: ArrayLike,
     *,
     ord: int | float | str = 2,
     nonfinite: Nonfinite = "zero",
@@ -490,7 +493,7 @@ def clip_by_leaf_norm(
 
 
 def clip_by_block_rms(
-    threshold: Any,
+    threshold: ArrayLike,
     *,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,

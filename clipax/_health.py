@@ -156,10 +156,10 @@ def _as_history(x: Any, prefix: str) -> dict[str, np.ndarray]:
   """Metrics as ``{key: float64 array of shape [steps]}`` (one step when only totals are known)."""
   if isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and x and _is_metrics(x[0]):
     for i, m in enumerate(x):
-      missing = [k for k in x[0] if k not in m] if isinstance(m, Mapping) else None
-      extra = [k for k in m if k not in x[0]] if isinstance(m, Mapping) else None
-      if missing is None:
+      if not isinstance(m, Mapping):
         raise TypeError(f"`metrics_or_state[{i}]` must be a metrics dict, got {type(m).__name__}")
+      missing = [k for k in x[0] if k not in m]
+      extra = [k for k in m if k not in x[0]]
       if missing or extra:
         what = f"misses key {missing[0]!r}" if missing else f"has key {extra[0]!r} not in entry 0"
         raise ValueError(f"`metrics_or_state[{i}]` {what}: every entry of a history needs the "
@@ -172,8 +172,9 @@ def _as_history(x: Any, prefix: str) -> dict[str, np.ndarray]:
           "`metrics_or_state` holds no clipax state: pass the dict from clipax.metrics(...), a "
           "list of them, or an optax state containing a clipax clipper"
       )
-  out = {k: _floats(v) for k, v in x.items()}
-  for k, a in out.items():
+  out: dict[str, np.ndarray] = {}
+  for k, v in x.items():
+    a = _floats(v)
     if a is None:
       raise TypeError(f"`metrics_or_state` key {k!r} must be numeric, got {x[k]!r}")
     out[k] = np.atleast_1d(a).ravel()

@@ -49,7 +49,7 @@ def init_leaf_norms(params: Any, leaf_metrics: bool, dtype: jnp.dtype) -> Any:
 
 def as_tree(updates: Any, norms: list[jax.Array], dtype: jnp.dtype) -> Any:
   """Per-leaf norms (a list in leaf order) as a pytree shaped like ``updates``."""
-  treedef = jax.tree_util.tree_structure(updates)
+  treedef: Any = jax.tree_util.tree_structure(updates)
   return treedef.unflatten([jnp.asarray(n).astype(dtype) for n in norms])
 
 

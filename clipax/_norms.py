@@ -175,7 +175,8 @@ def _maybe_sharded(x: jax.Array) -> bool:
 def _blocks(leaves: list[jax.Array]) -> list[jax.Array]:
   """Large or mesh-sharded leaves as they are; small local leaves concatenated per dtype, in
   groups of at most ``_GROUP`` leaves."""
-  blocks, small = [], {}
+  blocks: list[jax.Array] = []
+  small: dict[Any, list[jax.Array]] = {}
   for x in leaves:
     if x.size == 0:
       continue
@@ -718,7 +719,7 @@ def leaf_norms(
   """
   ord = canonical_ord(ord)
   _checks.axis_name(axis_name)
-  treedef = jax.tree_util.tree_structure(tree)
+  treedef: Any = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
     leaves = float_leaves(tree, "leaf_norms")
     rep = replicated_mask(tree, replicated, "leaf_norms")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._norms import global_norm
@@ -62,7 +63,7 @@ class SpamState(NamedTuple):
       :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   mu: Any
   nu: Any
   spikes: jax.Array
@@ -159,7 +160,8 @@ def _check_real(tree: Any, what: str) -> None:
 def _check_params(params: Any, updates: Any) -> None:
   """Weight decay pairs each parameter with its gradient: same structure and shapes, or a
   ValueError naming both (a broadcastable shape would silently decay the wrong way)."""
-  treedef, p_def = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(params)
+  treedef: Any = jax.tree_util.tree_structure(updates)
+  p_def: Any = jax.tree_util.tree_structure(params)
   if treedef != p_def:
     raise ValueError(
         f"spam: `params` do not have the structure of the gradients: params {p_def} vs "
@@ -175,8 +177,8 @@ def _check_params(params: Any, updates: Any) -> None:
 def _check_matches(updates: Any, state: SpamState) -> tuple[Any, list, list, list]:
   """The updates' treedef and the flat gradients, first and second moments; a ValueError naming
   both when the updates do not have the structure or shapes the state was built with."""
-  treedef = jax.tree_util.tree_structure(updates)
-  state_def = jax.tree_util.tree_structure(state.mu)
+  treedef: Any = jax.tree_util.tree_structure(updates)
+  state_def: Any = jax.tree_util.tree_structure(state.mu)
   if treedef != state_def:
     raise ValueError(
         "spam: the gradients do not have the structure of the state built by init(params): "
@@ -207,13 +209,13 @@ def _median(history: jax.Array, filled: jax.Array) -> jax.Array:
 def spam(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-6,
-    theta: Any = 5000.0,
-    reset_interval: Any = 500,
-    warmup_steps: Any = 150,
-    weight_decay: Any = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
+    theta: ArrayLike = 5000.0,
+    reset_interval: ArrayLike = 500,
+    warmup_steps: ArrayLike = 150,
+    weight_decay: ArrayLike = 0.0,
     name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike-aware clipping, momentum resets and a warm-up after each reset.

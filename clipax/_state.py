@@ -40,7 +40,7 @@ class ClipState(NamedTuple):
       :func:`clipax.metrics` names the state also in its dict forms; set by the transformation.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -75,7 +75,7 @@ def add_count(counter: jax.Array, amount: Any) -> jax.Array:
 class BaseFields(NamedTuple):
   """The fields every clipper state starts with, in this order (see :class:`ClipState`)."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -173,7 +173,7 @@ def _value(x: Any) -> jax.Array:
 # Every clipax state class, so that a state that lost its NamedTuple type on the way through a
 # dict (``nnx.to_pure_dict``, ``flax.serialization.to_state_dict``, an orbax restore without a
 # target) is recognised by its field names and rebuilt.
-_STATE_TYPES: list[type] = []
+_STATE_TYPES: list[Any] = []
 
 
 def register_state(cls: type) -> type:
@@ -195,7 +195,7 @@ def _rebuild(fields: Mapping) -> Any:
   for cls in _STATE_TYPES:
     # an empty ``leaf_norms`` (no leaf metrics) may be dropped by a dict form
     if keys <= set(cls._fields) and set(cls._fields) - keys <= _OPTIONAL:
-      values = {}
+      values: dict[str, Any] = {}
       for f in cls._fields:
         if f == "inner_state":  # searched separately, whatever its form
           values[f] = None
@@ -326,11 +326,11 @@ def named(tx: Any, kind: str, name: str | None) -> Any:
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-  def update_fn(updates, state, params=None):
+  def plain_update_fn(updates, state, params=None):
     out, new_state = tx.update(updates, state, params)
     return out, tag(new_state, kind, name)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, plain_update_fn)
 
 
 def is_clipax_state(x: Any) -> bool:

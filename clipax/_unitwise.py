@@ -166,7 +166,8 @@ def unitwise_norms(tree: Any, *, axes: ReductionAxes = None, units: UnitRule = "
   _checks.choice("units", units, get_args(UnitRule))
   if axes is not None and not callable(axes):
     raise TypeError(f"`axes` must be None or a function from a leaf to its axes, got {axes!r}")
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat, treedef_ = jax.tree_util.tree_flatten_with_path(tree)
+  treedef: Any = treedef_
   leaves = float_leaves(tree, "unitwise_norms")
   reduce = []
   for (p, _), x in zip(flat, leaves, strict=True):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md, and exactly what CI runs (.ci/run): installs clipax[test] (into the
-# active virtual/conda environment, else into ./.venv, see scripts/_env.sh), lints, runs the suite
-# and the doctests (2 pytest-xdist workers), then the multi-device tests in their own pytest
+# active virtual/conda environment, else into ./.venv, see scripts/_env.sh), lints, type-checks
+# the package (mypy), runs the suite and the doctests (2 pytest-xdist workers), then the multi-device tests in their own pytest
 # process on 8 simulated CPU devices. Extra arguments go to both pytest runs
 # (e.g. `bash scripts/test.sh -x -k norm`). Runs every phase; exits non-zero if any failed.
 set -uo pipefail
@@ -12,6 +12,9 @@ failed=()
 
 clipax_step "lint: ruff check ."
 "$PY" -m ruff check . || failed+=(lint)
+
+clipax_step "types: mypy (the package, configured in pyproject.toml)"
+"$PY" -m mypy || failed+=(types)
 
 # pytest exits 5 when it collects nothing, which a -k filter can do to one of the two runs.
 pytest_run() {
