@@ -18,9 +18,7 @@ from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
 from clipax._clipping import clip_by_value as clip_by_value
 from clipax._clipping import clip_with_norm as clip_with_norm
-from clipax._guards import SkipState as SkipState
 from clipax._guards import skip_nonfinite as skip_nonfinite
-from clipax._guards import skip_spikes as skip_spikes
 from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
 from clipax._metrics import metrics as metrics
@@ -29,6 +27,8 @@ from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
 from clipax._spam import SpamState as SpamState
 from clipax._spam import spam as spam
+from clipax._spikes import SkipState as SkipState
+from clipax._spikes import skip_spikes as skip_spikes
 from clipax._state import ClipState as ClipState
 from clipax._suggest import suggest_max_norm as suggest_max_norm
 from clipax._unitwise import unitwise_norms as unitwise_norms

@@ -1,4 +1,4 @@
-"""Whole-step guards around any optimizer: skip non-finite steps and gradient-norm spikes.
+"""Whole-step guards around any optimizer: skip non-finite steps (spikes: :mod:`clipax._spikes`).
 
 A guard measures the global norm of the incoming gradients, decides whether to skip the step,
 and on a skip returns all-zero updates and the inner optimizer's state unchanged (selected with
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import optax
 
 from clipax import _checks
-from clipax._adaptive import _known_size, static_int
-from clipax._norms import AxisName, global_norm
-from clipax._state import _value, add_count, register_state, stat_dtype
+from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
+from clipax._norms import AxisName
+from clipax._state import _value, add_count, named, register_state, stat_dtype
 
 MAD_TO_STD = 1.4826
 """The median absolute deviation of a normal distribution times this is its standard deviation."""
@@ -55,9 +55,13 @@ class SkipNonfiniteState(NamedTuple):
       (``max_consecutive``) was NaN or out of its range (saturates).
     inner_state: the wrapped optimizer's state. Under ``shard_map``/``pmap`` every field above
       is computed from the all-reduced global norm and is identical on every device.
+    leaf_norms: with ``leaf_metrics=True``, each leaf's norm (a pytree shaped like the
+      gradients); otherwise ``()``.
+    tag: uint8, the kind and ``name=`` as UTF-8, so :func:`clipax.metrics` names the state also
+      in its dict forms.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, shadows tuple.count
   norm: jax.Array
   skipped: jax.Array
   skipped_count: jax.Array
@@ -65,51 +69,8 @@ class SkipNonfiniteState(NamedTuple):
   consecutive_nonfinite: jax.Array
   invalid_count: jax.Array
   inner_state: Any
-
-  def clipax_metrics(self) -> dict[str, jax.Array]:
-    return guard_metrics(self)
-
-
-@register_state
-class SkipState(NamedTuple):
-  """State of :func:`clipax.skip_spikes`.
-
-  Attributes:
-    count: int32, number of steps seen, skipped ones included (saturates at 2**31 - 1).
-    norm: global norm of the last step's gradients, in ``_state.stat_dtype()``.
-    skipped: bool, whether the last step was skipped.
-    skipped_count: int32, number of skipped steps: non-finite, spike or invalid (saturates).
-    nonfinite_count: int32, number of steps whose norm was NaN or Inf (saturates).
-    spike_count: int32, number of steps skipped as spikes (saturates).
-    consecutive_nonfinite: int32, non-finite steps in a row up to the last one (saturates).
-    invalid_count: int32, number of steps skipped because a traced hyperparameter
-      (``threshold``, ``warmup``, ``max_consecutive``) was NaN or out of its range (saturates).
-    threshold: the band in force at the last step, ``median + k * 1.4826 * MAD`` of the
-      history (a norm above it is a spike); ``inf`` while spikes are not detected (warm-up);
-      left as it was on an invalid step. In ``_state.stat_dtype()``.
-    history: ``[window]`` ring buffer of the last recorded finite norms (accepted norms as
-      they were, spikes bounded to the band they broke), in ``_state.stat_dtype()``.
-    cursor: int32, the slot the next norm is written to (modulo ``window``).
-    accepted: int32, number of norms written to ``history`` (saturates); the number of filled
-      slots is ``min(accepted, window)``.
-    inner_state: the wrapped optimizer's state. Under ``shard_map``/``pmap`` every field above
-      is computed from the all-reduced global norm and is identical on every device;
-      ``inner_state`` is laid out as the inner optimizer lays it out (e.g. sharded moments).
-  """
-
-  count: jax.Array
-  norm: jax.Array
-  skipped: jax.Array
-  skipped_count: jax.Array
-  nonfinite_count: jax.Array
-  spike_count: jax.Array
-  consecutive_nonfinite: jax.Array
-  invalid_count: jax.Array
-  threshold: jax.Array
-  history: jax.Array
-  cursor: jax.Array
-  accepted: jax.Array
-  inner_state: Any
+  leaf_norms: Any = ()
+  tag: Any = ()
 
   def clipax_metrics(self) -> dict[str, jax.Array]:
     return guard_metrics(self)
@@ -128,19 +89,26 @@ def guard_metrics(state: Any) -> dict[str, jax.Array]:
   count = _value(_field(state, "count"))
   skipped_count = _value(_field(state, "skipped_count"))
   rate = skipped_count.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
+  norm = _value(_field(state, "norm"))
+  skipped = _value(_field(state, "skipped"))
   out = {
-      "norm": _value(_field(state, "norm")),
-      "skipped": _value(_field(state, "skipped")),
+      "norm": norm,
+      # what reached the inner optimizer: the gradients, or nothing on a skipped step
+      "update_norm": jnp.where(skipped, jnp.zeros_like(norm), norm),
+      "skipped": skipped,
       "skip_rate": rate,
       "skipped_count": skipped_count,
       "nonfinite_count": _value(_field(state, "nonfinite_count")),
       "invalid_count": _value(_field(state, "invalid_count")),
       "count": count,
   }
-  for extra in ("spike_count", "threshold"):
+  for extra in ("spike_count", "threshold", "loss", "loss_threshold", "loss_spike_count"):
     value = _field(state, extra)
-    if value is not None:
+    if value is not None and not (isinstance(value, (tuple, Mapping)) and not value):
       out[extra] = _value(value)
+  if "loss_threshold" in out:  # not in force during warm-up: report the step's own loss
+    t = out["loss_threshold"]
+    out["loss_threshold"] = jnp.where(jnp.isposinf(t), out["loss"].astype(t.dtype), t)
   return out
 
 
@@ -201,6 +169,8 @@ def skip_nonfinite(
     *,
     max_consecutive: int | None = None,
     axis_name: AxisName = None,
+    name: str | None = None,
+    leaf_metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips steps whose gradients have a NaN or Inf: zero update, inner state unchanged.
 
@@ -226,6 +196,10 @@ def skip_nonfinite(
       are let through.
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over, so every device takes the same decision.
+    name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
+      else ``skip_nonfinite``.
+    leaf_metrics: also keep every leaf's norm (``clip/{name}/leaf_norm/<path>``), in the same
+      pass as the global norm.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -254,6 +228,7 @@ def skip_nonfinite(
   """
   _check_inner_and_max_consecutive(inner, max_consecutive)
   _checks.axis_name(axis_name)
+  check_leaf_metrics(leaf_metrics)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -267,11 +242,14 @@ def skip_nonfinite(
         consecutive_nonfinite=zero,
         invalid_count=zero,
         inner_state=inner.init(params),
+        leaf_norms=init_leaf_norms(params, leaf_metrics, stat_dtype()),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope("clipax/skip_nonfinite"):
-      norm = global_norm(updates, axis_name=axis_name).astype(state.norm.dtype)
+      norm, leaves = measure(updates, axis_name=axis_name, leaf_metrics=leaf_metrics,
+                             dtype=state.norm.dtype)
+      norm = norm.astype(state.norm.dtype)
       invalid = _flag(_invalid_max_consecutive(max_consecutive))
       finite, consecutive, let_through = _nonfinite_rule(state, norm, max_consecutive)
       skip = invalid | (~finite & ~let_through)
@@ -286,179 +264,7 @@ def skip_nonfinite(
           consecutive_nonfinite=jnp.where(invalid, state.consecutive_nonfinite, consecutive),
           invalid_count=add_count(state.invalid_count, invalid),
           inner_state=inner_state,
+          leaf_norms=leaves,
       )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_warmup(warmup: Any, window: int | None) -> None:
-  """``2 <= warmup <= window`` for a python integer or a concrete array (``window`` known)."""
-  if hasattr(warmup, "shape") and hasattr(warmup, "dtype"):
-    _checks.scalar_array("warmup", warmup)
-  value = static_int("warmup", warmup, low=2)
-  if value is not None and window is not None and value > window:
-    raise ValueError(
-        f"`warmup` must be an integer in [2, window={window}] (the history holds `window` norms), "
-        f"got {warmup!r}"
-    )
-
-
-def skip_spikes(
-    inner: optax.GradientTransformation,
-    *,
-    window: int = 128,
-    threshold: Any = 6.0,
-    warmup: int | None = None,
-    max_consecutive: int | None = None,
-    axis_name: AxisName = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Skips steps whose gradient norm is a spike against the recent norms.
-
-  With :math:`\operatorname{med}_t` and :math:`\operatorname{MAD}_t` the median and the median
-  absolute deviation of the last ``window`` recorded norms (the current step excluded),
-
-  .. math::
-    \text{skip}_t = \|g_t\| > \operatorname{med}_t + k \cdot 1.4826\,\operatorname{MAD}_t
-    \quad\text{or}\quad \|g_t\| \text{ is NaN/Inf}
-
-  (1.4826 MAD is the standard deviation of a normal distribution). A skipped step returns
-  all-zero updates and leaves the inner state untouched.
-
-  **Warm-up and robustness.** Spikes are detected once ``warmup`` norms have been accepted
-  (16 by default); until then every finite norm is accepted into the history. The band is
-  built from the median and the MAD, never the mean and standard deviation, so one huge norm
-  that got in during warm-up (or a few, fewer than half the history) moves the band by at most
-  one rank: it cannot widen it and let the next spikes through. After warm-up a spike enters
-  the history bounded to the band it broke (the shared rule: a statistic absorbs the clipped
-  value), so an isolated spike moves the band by at most one rank, while a lasting rise of the
-  norm level (a new data mix, the end of a learning-rate warm-up) is followed after about
-  ``window / 2`` skipped steps instead of stopping training for good. NaN/Inf norms never enter
-  the history. The history is a ring buffer with its own
-  write position (``cursor``), so it keeps rotating after the counters saturate at 2**31 - 1.
-  The non-finite rule is that of :func:`skip_nonfinite`.
-
-  **Invalid hyperparameters.** Python numbers are checked here, concrete arrays (what
-  ``optax.inject_hyperparams`` makes of numbers) at ``init``, the same way. A *traced*
-  ``threshold`` that is NaN, ``inf`` or <= 0, a ``warmup`` outside ``[2, window]`` or a
-  negative ``max_consecutive`` never disables the guard: the step is skipped (zero update,
-  inner state and history unchanged) and counted in ``invalid_count`` and ``skipped_count``.
-
-  Args:
-    inner: any optax transformation (extra arguments are passed on).
-    window: number of recorded norms the statistics are taken over (integer in
-      ``[2, 2**31 - 1]``; it sets an array shape, so it must be concrete at ``init``).
-    threshold: ``k`` > 0 (finite), in standard deviations (1.4826 MAD).
-    warmup: accepted norms needed before spikes are skipped, an integer in ``[2, window]``;
-      ``None`` (default) means 16, or ``window`` if it is smaller.
-    max_consecutive: as in :func:`skip_nonfinite` (``None``: always skip non-finite steps).
-    axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
-      norm over.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`clipax.SkipState`
-    (``metrics`` adds ``skipped_count``, ``spike_count``, ``invalid_count`` and
-    ``threshold``).
-
-  Raises:
-    TypeError: if ``inner`` is not an optax transformation, or ``window``, ``warmup`` or
-      ``max_consecutive`` is not an integer.
-    ValueError: for a ``window``, ``threshold``, ``warmup`` or ``max_consecutive`` out of its
-      range (integers above 2**31 - 1 included).
-
-  Examples:
-    >>> import jax
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import clipax
-    >>> tx = clipax.skip_spikes(optax.sgd(1.0), window=4, threshold=3.0, warmup=4)
-    >>> state = tx.init({"w": jnp.zeros(1)})
-    >>> for n in [1.0, 1.1, 0.9, 1.0, 50.0, 1.05]:
-    ...   out, state = jax.jit(tx.update)({"w": jnp.array([n])}, state)
-    >>> m = clipax.metrics(state)  # 50 was recorded as its band 1.222: median 1.05, MAD 0.1
-    >>> print(int(m["clip/skipped_count"]), f"{m['clip/threshold']:.3f}")
-    1 1.495
-
-  References:
-    Levanter ``SkipStepConfig``; OLMo-core ``SkipStepOptimizer``; Chowdhery et al., "PaLM",
-    2022, https://arxiv.org/abs/2204.02311 (skipping batches around spikes); Hampel, "The
-    influence curve and its role in robust estimation", JASA 1974 (median and MAD).
-  """
-  _check_inner_and_max_consecutive(inner, max_consecutive)
-  _checks.axis_name(axis_name)
-  window = static_int("window", window, low=2)
-  _checks.number("threshold", threshold, low=0.0, low_open=True)
-  if warmup is not None:
-    _check_warmup(warmup, window)
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
-    dtype = stat_dtype()
-    return SkipState(
-        count=zero,
-        norm=jnp.zeros([], dtype),
-        skipped=jnp.zeros([], jnp.bool_),
-        skipped_count=zero,
-        nonfinite_count=zero,
-        spike_count=zero,
-        consecutive_nonfinite=zero,
-        invalid_count=zero,
-        threshold=jnp.asarray(jnp.inf, dtype),
-        history=jnp.zeros([_known_size("window", window)], dtype),
-        cursor=zero,
-        accepted=zero,
-        inner_state=inner.init(params),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    with jax.named_scope("clipax/skip_spikes"):
-      dtype = state.history.dtype
-      size = state.history.shape[0]  # `window`, also when inject_hyperparams traced it
-      norm = global_norm(updates, axis_name=axis_name).astype(dtype)
-      invalid = _flag(_checks.any_of(
-          _checks.invalid(threshold, low=0.0, low_open=True),
-          None if warmup is None else _checks.invalid(warmup, low=2.0, high=size, high_open=False),
-          _invalid_max_consecutive(max_consecutive),
-      ))
-      finite, consecutive, let_through = _nonfinite_rule(state, norm, max_consecutive)
-
-      n = jnp.minimum(state.accepted, size)
-      need = jnp.asarray(min(DEFAULT_WARMUP, size) if warmup is None else warmup)
-      need = jnp.ceil(need) if jnp.issubdtype(need.dtype, jnp.floating) else need
-      active = n.astype(need.dtype) >= need
-      k = jnp.asarray(threshold).astype(dtype)
-      limit = jnp.where(active, robust_band(state.history, n, k), jnp.inf)
-      spike = finite & ~invalid & (norm > limit)
-      accept = finite & ~invalid & ~spike
-      skip = invalid | spike | (~finite & ~let_through)
-
-      # Every finite step with valid hyperparameters is recorded: an accepted norm as it is, a
-      # spike bounded to the band it broke (so one spike moves the band by at most one rank,
-      # while a lasting rise of the level is followed after about window / 2 steps instead of
-      # being skipped forever).
-      record = accept | spike
-      slot = state.cursor % size
-      value = jnp.where(spike, limit, norm)
-      history = jnp.where(record, state.history.at[slot].set(value), state.history)
-      cursor = jnp.where(record, (slot + 1) % size, state.cursor)
-      accepted = jnp.where(record, optax.safe_increment(state.accepted), state.accepted)
-
-      new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-      out, inner_state = _skip_select(skip, new_updates, new_inner, state.inner_state)
-      return out, SkipState(
-          count=optax.safe_increment(state.count),
-          norm=norm,
-          skipped=skip,
-          skipped_count=add_count(state.skipped_count, skip),
-          nonfinite_count=add_count(state.nonfinite_count, ~finite),
-          spike_count=add_count(state.spike_count, spike),
-          consecutive_nonfinite=jnp.where(invalid, state.consecutive_nonfinite, consecutive),
-          invalid_count=add_count(state.invalid_count, invalid),
-          threshold=jnp.where(invalid, state.threshold, limit.astype(dtype)),
-          history=history,
-          cursor=cursor.astype(jnp.int32),
-          accepted=accepted,
-          inner_state=inner_state,
-      )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return named(optax.GradientTransformationExtraArgs(init_fn, update_fn), "skip_nonfinite", name)

@@ -186,7 +186,8 @@ register_state(ClipState)
 
 
 # Fields a dict form may drop when they hold nothing (``()``).
-_OPTIONAL = frozenset({"leaf_norms", "tag"})
+_OPTIONAL = frozenset({"leaf_norms", "tag", "loss", "loss_threshold", "loss_history",
+                       "loss_cursor", "loss_accepted", "loss_spike_count"})
 
 
 def _rebuild(fields: Mapping) -> Any:

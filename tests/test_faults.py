@@ -82,7 +82,8 @@ def _start_counters_at(state, start: int):
   def visit(node):
     if _is_clipax(node):
       changes = {f: jnp.asarray(start, jnp.int32) for f in node._fields
-                 if f == "count" or f.endswith("_count")}
+                 if (f == "count" or f.endswith("_count"))
+                 and not isinstance(getattr(node, f), tuple)}
       if "inner_state" in node._fields:
         changes["inner_state"] = visit(node.inner_state)
       return node._replace(**changes)
