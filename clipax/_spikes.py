@@ -138,9 +138,10 @@ def skip_spikes(
   one rank: it cannot widen it and let the next spikes through. After warm-up a spike enters
   the history bounded to the band it broke (the shared rule: a statistic absorbs the clipped
   value), so an isolated spike moves the band by at most one rank, while a lasting rise of the
-  norm level (a new data mix, the end of a learning-rate warm-up) is followed after about
-  ``window / 2`` skipped steps instead of stopping training for good. NaN/Inf norms never enter
-  the history. The history is a ring buffer with its own
+  norm level (a new data mix, the end of a learning-rate warm-up) is followed after half a
+  window to a window of skipped steps (the bounded values must first reach the median) instead
+  of stopping training for good. NaN/Inf norms never enter the history. The history is a ring
+  buffer with its own
   write position (``cursor``), so it keeps rotating after the counters saturate at 2**31 - 1.
   The non-finite rule is that of :func:`skip_nonfinite`.
 
@@ -336,7 +337,7 @@ def _band(history, cursor, accepted, value, valid, k, need) -> _Band:
 
   Every valid finite value is recorded: as it is when it is inside the band, bounded to the band
   when it is a spike (so one spike moves the band by at most one rank, while a lasting rise of
-  the level is followed after about ``window / 2`` steps instead of being skipped forever).
+  the level is followed within about ``window`` steps instead of being skipped forever).
   """
   dtype = history.dtype
   size = history.shape[0]
