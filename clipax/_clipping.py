@@ -370,7 +370,11 @@ def clip_by_value(
           act.apply(_clip_value_leaf(g, c), one) for g in float_leaves(updates, "clip_by_value")
       ])
       base = record(state, norm, act.recorded(scale), act.clipped(over), act.bad, act.invalid)
-      after = jnp.where(base.scale == 0, 0, global_norm(out)) if float_leaves(out) else norm
+      # post-clip norm from the clipped magnitudes, in the gradients' dtype (no float32 copy)
+      # the post-clip norm of the output as returned (behind a barrier, so the reduction reads
+      # the finished output and shares no convert with the clip: no float32 copy on the CPU)
+      done = lax.optimization_barrier(float_leaves(out, "clip_by_value"))
+      after = jnp.where(base.scale == 0, 0, global_norm(done)) if done else norm
       return out, clip_state(base, max_value, after, leaves)
 
   return named(optax.GradientTransformation(init_fn, update_fn), "value", name)

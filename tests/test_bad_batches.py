@@ -141,7 +141,7 @@ def train(tx, params, xs, ys, x_test, y_test):
 class Run(NamedTuple):
   accuracy: float
   norms: np.ndarray  # [STEPS] global norm of the raw gradients
-  metrics: dict[str, np.ndarray]  # clipax.metrics per step, "clip/" prefix removed
+  metrics: dict[str, np.ndarray]  # the outermost clipax state's metrics per step, by name
   stats: dict[str, np.ndarray]  # ZClip's mu and var per step (zclip arms only)
 
 
@@ -152,9 +152,14 @@ def runs() -> dict[str, Run]:
   txs = {arm: make() for arm, make in ARMS.items()}
   train_all = jax.jit(lambda *args: {arm: train(tx, *args) for arm, tx in txs.items()})
   out = train_all(initial_params(), *data())
-  as_np = lambda d: {k.removeprefix("clip/"): np.asarray(v) for k, v in d.items()}
+  def outer(d):  # "clip/<outermost name>/<metric>" -> "<metric>"
+    name = next(iter(d)).split("/")[1] if d else None
+    return {k.split("/", 2)[2]: np.asarray(v) for k, v in d.items()
+            if k.startswith(f"clip/{name}/")}
+
+  as_np = lambda d: {k: np.asarray(v) for k, v in d.items()}
   return {
-      arm: Run(float(acc), np.asarray(norms), as_np(metrics), as_np(stats))
+      arm: Run(float(acc), np.asarray(norms), outer(metrics), as_np(stats))
       for arm, (acc, (norms, metrics, stats)) in out.items()
   }
 

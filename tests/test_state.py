@@ -26,12 +26,13 @@ def test_clip_state_fields_and_dtypes():
   state = clipax.clip_by_global_norm(1.0).init(PARAMS)
   assert isinstance(state, clipax.ClipState)
   assert state._fields == ("count", "norm", "scale", "clipped", "clipped_count", "nonfinite_count",
-                           "invalid_count", "threshold", "update_norm", "leaf_norms")
+                           "invalid_count", "threshold", "update_norm", "leaf_norms", "tag")
   assert state.leaf_norms == ()
-  dtypes = [x.dtype for x in state[:-1]]
+  assert bytes(np.asarray(state.tag)) == b"global_norm/"
+  dtypes = [x.dtype for x in state[:-2]]
   assert dtypes == [jnp.int32, jnp.float32, jnp.float32, jnp.bool_, jnp.int32, jnp.int32, jnp.int32,
                     jnp.float32, jnp.float32]
-  assert all(x.shape == () for x in state[:-1])
+  assert all(x.shape == () for x in state[:-2])
 
 
 def test_metrics_values_and_clip_rate():
