@@ -8,15 +8,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from clipax._adagc import AdaGCState as AdaGCState
 from clipax._adagc import adagc as adagc
-from clipax._adaptive import AutoClipState as AutoClipState
 from clipax._adaptive import ZClipState as ZClipState
-from clipax._adaptive import autoclip as autoclip
 from clipax._adaptive import zclip as zclip
 from clipax._agc import adaptive_grad_clip as adaptive_grad_clip
+from clipax._autoclip import AutoClipState as AutoClipState
+from clipax._autoclip import autoclip as autoclip
 from clipax._clipping import clip_by_block_rms as clip_by_block_rms
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
-from clipax._clipping import clip_by_value as clip_by_value
 from clipax._clipping import clip_with_norm as clip_with_norm
 from clipax._guards import skip_nonfinite as skip_nonfinite
 from clipax._health import Verdict as Verdict
@@ -32,6 +31,7 @@ from clipax._spikes import skip_spikes as skip_spikes
 from clipax._state import ClipState as ClipState
 from clipax._suggest import suggest_max_norm as suggest_max_norm
 from clipax._unitwise import unitwise_norms as unitwise_norms
+from clipax._value import clip_by_value as clip_by_value
 
 try:
   __version__ = version("clipax")
