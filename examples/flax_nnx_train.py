@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
   if args.small:
     args.steps, args.every = min(args.steps, 24), min(args.every, 10)
 
-  model, optimizer = make(args.steps)
+  # built under jit: one compiled program instead of one per initialiser op
+  model, optimizer = nnx.jit(make, static_argnums=0)(args.steps)
   ckpt_dir = pathlib.Path(args.ckpt_dir).resolve()
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
   start = 0
@@ -116,7 +117,8 @@ def main(argv=None) -> dict:
         print(f"step {step + 1:4d} loss {float(loss):.4f} norm {scalars['clip/clip/norm']:.3f} "
               f"clipped {scalars['clip/clip/clipped_count']:.0f} "
               f"hidden {scalars['clip/clip/leaf_norm/hidden/kernel']:.3f}")
-    if (step + 1) % args.every == 0:
+    # every `--every` steps and at the end (a run stopped early, as if killed, does not save)
+    if (step + 1) % args.every == 0 or step + 1 == args.steps:
       manager.save(step + 1, args=ocp.args.StandardSave(
           {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}))
   manager.wait_until_finished()
