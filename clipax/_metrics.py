@@ -243,12 +243,15 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
   return out
 
 
-_MULTI_STEPS_FIELDS = frozenset(optax.MultiStepsState._fields)
+# The fields a dict form of ``optax.MultiStepsState`` always keeps (an empty ``skip_state`` has
+# no arrays and is dropped by ``nnx.to_pure_dict`` and orbax restores without a target).
+_MULTI_STEPS_FIELDS = frozenset({"mini_step", "gradient_step", "inner_opt_state", "acc_grads"})
 
 
 def _is_multi_steps(x: Any) -> bool:
   return isinstance(x, optax.MultiStepsState) or (
-      isinstance(x, Mapping) and set(x) == _MULTI_STEPS_FIELDS)
+      isinstance(x, Mapping) and _MULTI_STEPS_FIELDS <= set(x)
+      and set(x) <= set(optax.MultiStepsState._fields))
 
 
 def _multi_steps(opt_state: Any) -> Any:

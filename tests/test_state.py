@@ -180,3 +180,17 @@ def test_metrics_without_multisteps_has_no_updated_key_and_checks_prefix():
   assert "clip/updated" not in clipax.metrics(state)
   with pytest.raises(TypeError, match="`prefix`"):
     clipax.metrics(state, prefix=3)
+
+
+def test_updated_is_read_from_the_dict_forms_that_drop_an_empty_skip_state():
+  from flax import nnx
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = optax.MultiSteps(optax.chain(clipax.clip_by_global_norm(1.0), optax.sgd(0.1)), 2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = jax.tree_util.tree_map(jnp.ones_like, nnx.state(model, nnx.Param))
+  for want in (False, True):
+    optimizer.update(model, grads)
+    pure = nnx.to_pure_dict(nnx.state(optimizer))
+    assert "skip_state" not in pure["opt_state"]  # the form that lost the empty field
+    assert bool(clipax.metrics(pure)["clip/updated"]) is want
