@@ -153,8 +153,10 @@ def skip_spikes(
   at the outside of the chain). Only a loss *above* its band is a spike (a sudden drop is not
   a reason to skip). Its band uses ``loss_threshold`` standard deviations (default: the same
   ``threshold``), its own ``window``-long history and the same ``warmup``; a NaN/Inf loss skips
-  the step and is counted in ``nonfinite_count`` (never in the history). The norm is still
-  measured and recorded with ``on="loss"``, only not used to skip.
+  the step and is counted in ``nonfinite_count`` (never in the history) and in
+  ``consecutive_nonfinite``; ``max_consecutive`` lets non-finite *gradients* through, never a
+  non-finite loss. The norm is still measured and recorded with ``on="loss"``, only not used
+  to skip. A ``loss=`` passed with ``on="norm"`` is not needed, only passed on to ``inner``.
 
   **Invalid hyperparameters.** Python numbers are checked here, concrete arrays (what
   ``optax.inject_hyperparams`` makes of numbers) at ``init``, the same way. A *traced*
@@ -183,6 +185,9 @@ def skip_spikes(
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`clipax.SkipState`
     (``metrics`` adds ``skipped_count``, ``spike_count``, ``invalid_count`` and
     ``threshold``; watching the loss, ``loss``, ``loss_threshold`` and ``loss_spike_count``).
+    Where no band is in force yet (warm-up) the ``threshold`` metric is the step's own norm,
+    and ``loss_threshold`` the step's own loss, so nothing was over it and no metric is
+    ``inf`` (the state fields keep ``inf``).
 
   Raises:
     TypeError: if ``inner`` is not an optax transformation, or ``window``, ``warmup`` or
@@ -358,8 +363,8 @@ def _loss(extra_args: dict, dtype: jnp.dtype) -> jax.Array:
   """The ``loss=`` extra argument as a real scalar in ``dtype``, or a clear error."""
   if "loss" not in extra_args or extra_args["loss"] is None:
     raise TypeError(
-        "skip_spikes watching the loss needs it: call update(grads, state, params, loss=loss) "
-        f"(got extra arguments {sorted(extra_args)})")
+        "skip_spikes watching the loss (on='loss' or 'both') needs the `loss`: call "
+        f"update(grads, state, params, loss=loss) (got extra arguments {sorted(extra_args)})")
   loss = extra_args["loss"]
   try:
     arr = jnp.asarray(loss)

@@ -40,7 +40,7 @@ def reference(losses, *, window, k, warmup):
   return np.asarray(skipped)
 
 
-def run(tx, losses, grads=None, state=None):
+def run(tx, losses, grads=None, state=None, guard=lambda s: s):
   state = tx.init(PARAMS) if state is None else state
   update = jax.jit(lambda g, s, loss: tx.update(g, s, PARAMS, loss=loss))
   outs, skips = [], []
@@ -48,7 +48,7 @@ def run(tx, losses, grads=None, state=None):
     g = GRAD if grads is None else grads[i]
     out, state = update(g, state, jnp.float32(loss))
     outs.append(np.asarray(out["w"]))
-    skips.append(bool(state.skipped))
+    skips.append(bool(guard(state).skipped))
   return state, np.asarray(skips), outs
 
 
@@ -100,7 +100,81 @@ def test_nonfinite_loss_is_skipped_counted_and_never_recorded(bad):
   assert int(state.nonfinite_count) == 1 and int(state.loss_spike_count) == 0
   assert int(state.loss_accepted) == 5
   assert np.all(np.isfinite(as64(state.loss_history)))
-  assert np.all(np.isfinite(as64(v)) for v in clipax.metrics(state).values())
+  assert all(np.all(np.isfinite(as64(v))) for v in clipax.metrics(state).values())
+
+
+def test_a_drop_of_the_loss_is_not_a_spike():
+  # one-sided: a loss far *below* the band is accepted and recorded as it is
+  losses = [2.0, 2.1, 1.9, 2.0, 2.05, 1.95, 0.01, 2.0, 50.0]
+  tx = clipax.skip_spikes(optax.sgd(0.1), on="loss", window=8, warmup=4, threshold=3.0)
+  state, skipped, _ = run(tx, losses)
+  np.testing.assert_array_equal(skipped, [False] * 8 + [True])
+  assert int(state.loss_spike_count) == 1
+  np.testing.assert_allclose(as64(state.loss_history)[6], 0.01, rtol=1e-6)
+
+
+def test_warm_up_metrics_are_the_steps_own_values_and_finite():
+  tx = clipax.skip_spikes(optax.sgd(0.1), on="both", window=8, warmup=4)
+  state = tx.init(PARAMS)
+  update = jax.jit(lambda s, loss: tx.update(GRAD, s, PARAMS, loss=loss))
+  for t, loss in enumerate([2.0, 3.0, 2.5, 2.2, 2.1]):
+    state = update(state, jnp.float32(loss))[1]
+    m = {k.split("/")[-1]: float(v) for k, v in clipax.metrics(state).items()}
+    assert all(math.isfinite(v) for v in m.values()), m
+    if t < 4:  # no band in force yet: the step's own loss and norm
+      assert np.isposinf(float(state.loss_threshold)) and np.isposinf(float(state.threshold))
+      assert m["loss_threshold"] == np.float32(loss)
+      assert m["threshold"] == m["norm"] == float(state.norm)
+    else:
+      assert m["loss_threshold"] == float(state.loss_threshold) > 3.0
+  assert m["loss"] == np.float32(2.1)
+
+
+def test_the_loss_reaches_the_inner_transformation_and_passes_through_chains():
+  def update_fn(updates, state, params=None, *, loss):
+    del params
+    return jax.tree_util.tree_map(lambda u: u * loss, updates), state
+
+  scale_by_loss = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
+  tx = clipax.skip_spikes(scale_by_loss, on="loss", window=4, warmup=2)
+  out, _ = jax.jit(lambda s, loss: tx.update(GRAD, s, PARAMS, loss=loss))(tx.init(PARAMS), 3.0)
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.full(2, 1.5, np.float32))
+  # the guard inside an outer chain / named_chain gets the loss the chain was given
+  def guard():
+    return clipax.skip_spikes(optax.sgd(1.0), on="loss", window=8, warmup=4, threshold=3.0)
+
+  clip = clipax.clip_by_global_norm(10.0)
+  named = optax.named_chain(("clip", clip), ("guard", guard()))
+  for outer, pick in [(optax.chain(clip, guard()), lambda s: s[1]),
+                      (named, lambda s: s["guard"])]:
+    state, skipped, outs = run(outer, [2.0, 2.1, 1.9, 2.0, 2.05, 40.0, 2.0], guard=pick)
+    np.testing.assert_array_equal(skipped, [False] * 5 + [True, False])
+    np.testing.assert_array_equal(outs[5], np.zeros(2, np.float32))
+    m = clipax.metrics(state)
+    assert int(next(v for k, v in m.items() if k.endswith("loss_spike_count"))) == 1
+
+
+def test_traced_invalid_loss_threshold_skips_and_keeps_the_loss_history():
+  tx = optax.inject_hyperparams(clipax.skip_spikes, static_args=("on", "window"))(
+      inner=optax.sgd(0.1, momentum=0.9), on="loss", window=8, warmup=2, threshold=4.0,
+      loss_threshold=4.0)
+  update = jax.jit(lambda s, loss: tx.update(GRAD, s, PARAMS, loss=loss))
+  state = tx.init(PARAMS)
+  for loss in [2.0, 2.1, 1.9]:
+    state = update(state, jnp.float32(loss))[1]
+  for bad in [jnp.nan, 0.0, -1.0, jnp.inf]:
+    hp = {**state.hyperparams, "loss_threshold": jnp.asarray(bad, jnp.float32)}
+    out, after = update(state._replace(hyperparams=hp), jnp.float32(2.0))
+    g, a = state.inner_state, after.inner_state
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.zeros(2, np.float32))
+    assert bool(a.skipped) and int(a.invalid_count) == 1 and int(a.loss_spike_count) == 0
+    for f in ("loss_history", "loss_cursor", "loss_accepted", "loss_threshold", "history"):
+      np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(g, f)), f)
+    for x, y in zip(jax.tree_util.tree_leaves(a.inner_state),
+                    jax.tree_util.tree_leaves(g.inner_state), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  out, after = update(state, jnp.float32(2.0))  # valid again: acts normally
+  assert not bool(after.inner_state.skipped) and np.all(np.asarray(out["w"]) != 0)
 
 
 def test_both_skips_on_either_spike():
@@ -153,7 +227,11 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     raw = ckpt.restore(tmp_path / "s")
   for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored),
                   strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(a).dtype == np.asarray(b).dtype and np.size(a) > 0  # orbax: no 0-size
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert type(restored) is type(state)
+  assert all(getattr(state, f).dtype == jnp.int32 for f in (
+      "loss_cursor", "loss_accepted", "loss_spike_count", "count", "skipped_count"))
   assert clipax.metrics(raw).keys() == clipax.metrics(state).keys()
   more = [2.0, 50.0, 2.1]
   a = run(tx, more, state=state)
@@ -179,15 +257,25 @@ def test_inside_chain_inject_hyperparams_and_named_chain():
 
 
 def test_errors_name_the_argument():
-  with pytest.raises(ValueError, match="`on`"):
-    clipax.skip_spikes(optax.sgd(0.1), on="losses")
+  for on in ["losses", "Loss", None, True]:
+    with pytest.raises(ValueError, match=f"`on`.*got {on!r}"):
+      clipax.skip_spikes(optax.sgd(0.1), on=on)
   with pytest.raises(ValueError, match="`loss_threshold`"):
     clipax.skip_spikes(optax.sgd(0.1), on="loss", loss_threshold=-1.0)
   tx = clipax.skip_spikes(optax.sgd(0.1), on="loss")
   state = tx.init(PARAMS)
-  with pytest.raises(TypeError, match="loss=loss"):
-    tx.update(GRAD, state, PARAMS)
+  for call in [lambda: tx.update(GRAD, state, PARAMS),
+               lambda: tx.update(GRAD, state, PARAMS, loss=None),
+               lambda: jax.jit(tx.update)(GRAD, state, PARAMS)]:  # at trace time
+    with pytest.raises(TypeError, match="`loss`.*loss=loss"):
+      call()
+  both = clipax.skip_spikes(optax.sgd(0.1), on="both")
+  with pytest.raises(TypeError, match="`loss`"):
+    both.update(GRAD, both.init(PARAMS), PARAMS, value=1.0)
+  for bad in [jnp.ones(3), jnp.ones(1), True, jnp.asarray(1 + 2j), np.ones((1, 1))]:
+    with pytest.raises(TypeError, match="`loss` must be a real scalar"):
+      tx.update(GRAD, state, PARAMS, loss=bad)
   with pytest.raises(TypeError, match="`loss` must be a real scalar"):
-    tx.update(GRAD, state, PARAMS, loss=jnp.ones(3))
+    jax.jit(lambda s, loss: tx.update(GRAD, s, PARAMS, loss=loss))(state, jnp.ones(2))
   with pytest.raises(TypeError, match="`loss` must be a real scalar"):
     tx.update(GRAD, state, PARAMS, loss="high")
