@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import AxisType
 
 from clipax import _checks
+from clipax._grouping import gpu_blocks, gpu_leaf_reduce
 
 AxisName = str | tuple[str, ...] | None
 ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
@@ -313,18 +314,20 @@ def _sum_shards(
     axis_name: AxisName,
     replicated: Sequence[bool] | None,
     cpu: bool = False,
+    gpu: bool = False,
 ) -> jax.Array:
   """``sum(fn(block))`` over all shards, one ``psum``; replicated leaves counted once.
 
   ``fn`` may be a list of functions: the result is then the vector of their sums, each reducing
   the same blocks (sibling reductions that XLA fuses into one pass), all-reduced in one ``psum``.
   ``cpu``: the caller compiles for the CPU only; float16 blocks are summed by :func:`_cpu_sum`.
+  ``gpu``: for a GPU only; the leaves are grouped by :func:`clipax._grouping.gpu_blocks`.
   """
   fns = list(fn) if isinstance(fn, (list, tuple)) else None
   block_sum = _cpu_sum if cpu else (lambda b, f: jnp.sum(f(b)))
 
   def local(xs):
-    blocks = _blocks(xs)
+    blocks = gpu_blocks(xs, _maybe_sharded) if gpu else _blocks(xs)
     if fns is None:
       return _total([block_sum(b, fn) for b in blocks], dtype, jnp.sum)
     if _VARIADIC_RESCUE and not cpu:
@@ -421,8 +424,11 @@ def _pick_sum(s: jax.Array, s_down: jax.Array, s_up: jax.Array, ord: float) -> j
   return jnp.where(jnp.isinf(s), rescued_down, small)
 
 
-def _by_platform(cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
-  """``cpu()`` when compiling for the CPU, ``accelerator()`` for GPU and TPU.
+def _by_platform(
+    cpu: Callable[[], Any], accelerator: Callable[[], Any], gpu: Callable[[], Any] | None = None
+) -> Any:
+  """``cpu()`` when compiling for the CPU, ``accelerator()`` for GPU and TPU (``gpu()``, when
+  given, for CUDA and ROCm GPUs: the leaves grouped as :mod:`clipax._grouping` says).
 
   The overflow rescue is a ``lax.cond`` on the CPU, where it costs nothing until it is taken. On
   GPU a conditional copies its predicate to the host (a sync in the middle of the train step)
@@ -431,7 +437,9 @@ def _by_platform(cpu: Callable[[], Any], accelerator: Callable[[], Any]) -> Any:
   runs at optax's speed on an H100, but inside a train step XLA keeps them as three reduction
   kernels per large leaf (benchmarks/README.md, "Training step").
   """
-  return lax.platform_dependent(cpu=cpu, default=accelerator)
+  if gpu is None:
+    return lax.platform_dependent(cpu=cpu, default=accelerator)
+  return lax.platform_dependent(cpu=cpu, cuda=gpu, rocm=gpu, default=accelerator)
 
 
 def _global_value(
@@ -442,22 +450,27 @@ def _global_value(
 ) -> jax.Array:
   """The global norm; ``replicated[i]``: leaf ``i`` is the same on every shard of ``axis_name``."""
   dtype = _result_dtype(leaves)
+  raw, raw_replicated = leaves, replicated  # the GPU groups the leaves its own way
   if axis_name is None or not replicated or not any(replicated):
     # Concatenate the small leaves once, outside the lax.cond below, so that its rescue branch
     # closes over a few blocks rather than every leaf: on trees of thousands of leaves that cuts
     # compile time by a third (benchmarks/README.md). ``_blocks`` of blocks is the same blocks.
+    # (Compiled for one platform, the blocks that platform does not use are dead code.)
     leaves, replicated = _blocks(leaves), None
   if ord == math.inf:
-    def peak(cpu):
-      return _total([_peak(b, cpu) for b in _blocks(leaves)], dtype, jnp.max)
+    def peak(cpu, gpu=False):
+      blocks = gpu_blocks(raw, _maybe_sharded) if gpu else _blocks(leaves)
+      return _total([_peak(b, cpu) for b in blocks], dtype, jnp.max)
 
-    return _pmax(_by_platform(lambda: peak(True), lambda: peak(False)), axis_name)
+    return _pmax(_by_platform(lambda: peak(True), lambda: peak(False), lambda: peak(False, True)),
+                 axis_name)
 
-  def sums(fns, factor, cpu):
+  def sums(fns, factor, cpu, gpu=False):
+    xs, rep = (raw, raw_replicated) if gpu else (leaves, replicated)
     if callable(fns):
-      return _sum_shards(leaves, lambda b: fns(b, factor), dtype, axis_name, replicated, cpu=cpu)
+      return _sum_shards(xs, lambda b: fns(b, factor), dtype, axis_name, rep, cpu=cpu, gpu=gpu)
     powers = [lambda b, fn=fn: fn(b, factor) for fn in fns]
-    return _sum_shards(leaves, powers, dtype, axis_name, replicated, cpu=cpu)
+    return _sum_shards(xs, powers, dtype, axis_name, rep, cpu=cpu, gpu=gpu)
 
   return _exact_root(sums, ord, dtype)
 
@@ -466,11 +479,11 @@ def _exact_root(sums: Callable, ord: float, dtype: jnp.dtype) -> jax.Array:
   """The root of a sum of ``|x|^ord`` (a scalar, or one per leaf), exact even where the plain
   float32 sum overflows or underflows.
 
-  ``sums(fns, factor, cpu)`` returns the sum of ``fn(block, f)`` for one function ``fns``, or
-  for a list of them the sums stacked on a leading axis; one collective either way. ``f`` is
-  ``factor`` (or its entry for that leaf; ``None`` when no factor is used); ``cpu``: compiled
-  for the CPU only. On the CPU the rescue is a ``lax.cond`` on the plain sum; elsewhere three
-  sums are taken and the exact one is kept (:func:`_by_platform`).
+  ``sums(fns, factor, cpu, gpu=False)`` returns the sum of ``fn(block, f)`` for one function
+  ``fns``, or for a list of them the sums stacked on a leading axis; one collective either way.
+  ``f`` is ``factor`` (or its entry for that leaf; ``None`` when no factor is used); ``cpu``:
+  compiled for the CPU only; ``gpu``: for a GPU only. On the CPU the rescue is a ``lax.cond`` on
+  the plain sum; elsewhere three sums are taken and the exact one is kept (:func:`_by_platform`).
   """
   def with_cond():
     s = sums(lambda b, f: _power(b, ord), None, True)
@@ -482,11 +495,12 @@ def _exact_root(sums: Callable, ord: float, dtype: jnp.dtype) -> jax.Array:
 
     return lax.cond(jnp.any(_needs_rescue(s)), rescued, lambda _: _root(s, ord), None)
 
-  def branch_free():
-    s = sums([lambda b, f, fn=fn: fn(b) for fn in _scaled_powers(dtype, ord)], None, False)
+  def branch_free(gpu=False):
+    s = sums([lambda b, f, fn=fn: fn(b) for fn in _scaled_powers(dtype, ord)], None, False,
+             gpu=gpu)
     return _pick_sum(s[0], s[1], s[2], ord)
 
-  return _by_platform(with_cond, branch_free)
+  return _by_platform(with_cond, branch_free, lambda: branch_free(True))
 
 
 # Derivatives. Differentiating through the rescued sums directly overflows: the reverse pass of
@@ -633,20 +647,29 @@ def _leafwise_value(
     def peaks(cpu):
       return jnp.stack([_peak(x, cpu).astype(dtype) for x in leaves])
 
-    return list(_pmax(_by_platform(lambda: peaks(True), lambda: peaks(False)), axis_name))
+    def gpu_peaks():
+      peak = lambda b, axes: jnp.max(_magnitude(b), axis=axes, initial=0).astype(dtype)
+      return jnp.stack(gpu_leaf_reduce(leaves, peak, _maybe_sharded))
 
-  def sums(fns, factor, cpu):
+    return list(_pmax(_by_platform(lambda: peaks(True), lambda: peaks(False), gpu_peaks),
+                      axis_name))
+
+  def sums(fns, factor, cpu, gpu=False):
     def one(x, fn, i):
       power = lambda b: fn(b, None if factor is None else factor[i])
       return (_cpu_sum(x, power) if cpu else jnp.sum(power(x))).astype(dtype)
 
     def row(fn):
+      if gpu:  # the factor is None on this (branch-free) path
+        total = lambda b, axes: jnp.sum(fn(b, None), axis=axes).astype(dtype)
+        return _count_once(jnp.stack(gpu_leaf_reduce(leaves, total, _maybe_sharded)), axis_name,
+                           replicated)
       return _count_once(jnp.stack([one(x, fn, i) for i, x in enumerate(leaves)]), axis_name,
                          replicated)
 
     if callable(fns):
       return _psum(row(fns), axis_name)
-    if _VARIADIC_RESCUE and not cpu:
+    if _VARIADIC_RESCUE and not cpu and not gpu:
       # the factor is None on this (branch-free) path
       per_leaf = [_variadic_sums(x, [lambda b, fn=fn: fn(b, None) for fn in fns], dtype)
                   for x in leaves]

@@ -15,12 +15,21 @@ ORDS = [1, 2, math.inf]
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
 
 
-@pytest.fixture(params=["cpu", "accelerator"])
+def force_platform(monkeypatch, which):
+  """Compiles the norms' ``which`` path ("cpu", "accelerator": the TPU's, "gpu") on the CPU."""
+  if which == "accelerator":
+    monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator, gpu=None: accelerator())
+  elif which == "gpu":
+    monkeypatch.setattr(_norms, "_by_platform",
+                        lambda cpu, accelerator, gpu=None: (gpu or accelerator)())
+
+
+@pytest.fixture(params=["cpu", "accelerator", "gpu"])
 def path(request, monkeypatch):
-  """Runs a test through both overflow-rescue paths: the ``lax.cond`` one compiled for the CPU
-  and the branch-free one compiled for GPU/TPU (forced here, on the CPU)."""
-  if request.param == "accelerator":
-    monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator: accelerator())
+  """Runs a test through the three paths: the ``lax.cond`` overflow rescue compiled for the CPU,
+  the branch-free one compiled for TPU, and the GPU's, with the leaves concatenated and stacked
+  in groups (forced here, on the CPU)."""
+  force_platform(monkeypatch, request.param)
   return request.param
 
 
@@ -51,6 +60,49 @@ def test_leaf_norms_match_float64(ord, path):
   for g, x in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(tree), strict=True):
     assert g.dtype == jnp.float32 and g.shape == ()
     assert_close(g, leaf_norm64(x, ord), jnp.float32, rtol=2e-6)
+
+
+def _many_leaves(rng, scale):
+  """150 leaves: more same-shape leaves than one GPU group holds (64), in two dtypes, with one-
+  element and empty leaves among them, each leaf at its own magnitude."""
+  tree = {}
+  for i in range(150):
+    shape = [(4, 3), (7,), (2, 2, 2), (1,), (0, 3)][i % 5]
+    dtype = jnp.bfloat16 if i % 3 == 0 else jnp.float32
+    tree[f"p{i:03d}"] = jnp.asarray(rng.normal(size=shape) * scale * (1 + i % 7), dtype)
+  return tree
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-22])
+@pytest.mark.parametrize("ord", ORDS)
+def test_gpu_grouping_of_many_leaves_matches_float64(ord, scale, monkeypatch):
+  # The GPU path concatenates (global norm) and stacks (per-leaf norms) groups of leaves; each
+  # result must be the leaf's own, through the overflow and underflow rescues.
+  force_platform(monkeypatch, "gpu")
+  tree = _many_leaves(np.random.default_rng(7), scale)
+  got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
+  assert_close(got, norm64(tree, ord), jnp.float32, rtol=2e-6)
+  per_leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)
+  for name, x in tree.items():
+    assert_close(per_leaf[name], leaf_norm64(x, ord), jnp.float32, rtol=2e-6)
+
+
+def test_gpu_path_groups_leaves_into_few_reductions(monkeypatch):
+  # The structure itself (the deviceless H100 compile is in test_compiled_structure.py): on the
+  # CPU, with the GPU path forced, 150 leaves are reduced in a handful of reductions.
+  tree = _many_leaves(np.random.default_rng(8), 1.0)
+
+  def reductions(fn):  # a fresh function each time: jit's cache would keep the other path
+    return jax.jit(lambda t: fn(t)).lower(tree).as_text().count("stablehlo.reduce")
+
+  force_platform(monkeypatch, "accelerator")
+  per_leaf_tpu = reductions(clipax.leaf_norms)
+  assert per_leaf_tpu == 3 * 150  # 3 sums for each leaf
+  force_platform(monkeypatch, "gpu")
+  # 3 sums x (80 non-empty f32 leaves in 2 groups, 40 bf16 in 1), and the 3 totals
+  assert reductions(clipax.global_norm) == 3 * 3 + 3
+  # 3 sums x (6 stacks: 3 shapes x 2 dtypes; the 30 one-element and 30 empty leaves alone)
+  assert reductions(clipax.leaf_norms) == 3 * (6 + 60)
 
 
 def test_float16_300_does_not_overflow():
@@ -209,7 +261,7 @@ def test_unitwise_norms_custom_axes_and_rescue(path):
 @pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
 def test_variadic_rescue_experiment_is_exact_and_takes_fewer_reductions(monkeypatch, scale):
   # The experiment behind `bench_clip.py --variadic-rescue`, on the branch-free path it changes.
-  monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator: accelerator())
+  force_platform(monkeypatch, "accelerator")
   tree = _tree(np.random.default_rng(4), jnp.float32, scale)
   tree["h"] = jnp.ones((90, 9), jnp.bfloat16)
 
