@@ -23,7 +23,6 @@ from clipax._norms import (
     ReductionAxes,
     UnitRule,
     _accum_dtype,
-    _by_platform,
     _cpu_sum,
     _magnitude,
     _needs_rescue,
@@ -130,7 +129,52 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     sums = [unit_sum(f(x)) for f in _scaled_powers(_accum_dtype(x.dtype), 2)]
     return _pick_sum(*sums, 2)
 
-  return _by_platform(with_cond, branch_free)
+  return lax.platform_dependent(
+      cpu=with_cond, cuda=lambda: _scaled_ssq(x, axes), rocm=lambda: _scaled_ssq(x, axes),
+      default=branch_free)
+
+
+def _scaled_ssq(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Per-unit L2 norms as ``scale * sqrt(ssq)`` (LAPACK's ``lassq``): one variadic reduction of
+  ``(scale, ssq)`` pairs, ``scale`` the largest magnitude seen and ``ssq`` the sum of squares of
+  the magnitudes divided by it, so no partial sum can overflow or underflow and no rescue sum is
+  needed; exact for every finite input whose norm is finite. The GPU path: XLA's column
+  reductions (a unit reduces leading axes) allow at most two outputs per kernel within its
+  shared-memory budget, so the three sums of the branch-free rescue cost three kernels per leaf
+  (and a float32 copy of each gradient); this is one kernel reading the leaf once. Half-precision
+  magnitudes are reduced as their bit patterns (the maximum of non-negative floats is the maximum
+  of their bits, NaN above inf), so XLA fuses the reduction with the leaf instead of writing a
+  float32 copy of it (a variadic reduction cannot mix float widths).
+  """
+  acc = _accum_dtype(x.dtype)
+  mag = _magnitude(x) if x.dtype.itemsize >= 4 or not jnp.issubdtype(x.dtype, jnp.floating) \
+      else jnp.abs(x)
+  if mag.dtype.itemsize < 4:
+    bits = jnp.dtype(f"uint{8 * mag.dtype.itemsize}")
+    half = mag.dtype
+
+    def value(b):
+      return lax.bitcast_convert_type(b, half).astype(acc)
+
+    mag = lax.bitcast_convert_type(mag, bits)
+  else:
+    def value(b):
+      return b
+
+  def combine(a, b):
+    (s_a, q_a), (s_b, q_b) = a, b
+    big, small = jnp.maximum(s_a, s_b), jnp.minimum(s_a, s_b)
+    # big == small also covers 0 and inf on both sides (a ratio of 1 instead of 0/0, inf/inf).
+    r = jnp.where(big == small, jnp.ones([], acc), value(small) / value(big))
+    a_big = s_a >= s_b
+    return big, jnp.where(a_big, q_a, q_b) + jnp.where(a_big, q_b, q_a) * (r * r)
+
+  # Every element enters as (|x|, 1); a zero scale makes the norm 0 whatever its ssq.
+  scale, ssq = lax.reduce(
+      (mag, jnp.ones(x.shape, acc)), (jnp.zeros([], mag.dtype), jnp.zeros([], acc)), combine,
+      axes)
+  shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+  return (value(scale) * jnp.sqrt(ssq)).reshape(shape)
 
 
 def unitwise_norms(tree: Any, *, axes: ReductionAxes = None, units: UnitRule = "nfnets") -> Any:
