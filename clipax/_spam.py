@@ -47,7 +47,7 @@ class SpamState(NamedTuple):
     norm: global norm of the last gradient (before any bound or clipping), in
       ``stat_dtype()``.
     nonfinite_count: int32, steps skipped because the gradient was NaN/Inf or its (bounded)
-      square would overflow the moments (saturates).
+      norm's square would overflow the moments (saturates; see :func:`spam`, "Skipped steps").
     spike_count: int32, total gradient elements clipped as spikes (saturates).
     bounded_count: int32, steps whose global norm was bounded while spike clipping was off
       (saturates).
@@ -206,6 +206,35 @@ def _median(history: jax.Array, filled: jax.Array) -> jax.Array:
   return jnp.where(filled > 0, lo + (hi - lo) / 2, jnp.inf)
 
 
+def _cap(dtype: jnp.dtype) -> float:
+  """The cap on the spike bound ``theta * v``: a quarter of the moment dtype's largest value, so
+  that a clipped element's square stays finite (``sqrt`` rounding included) and spike clipping
+  never makes a step overflow the moments (see :func:`spam`, "Skipped steps")."""
+  return float(jnp.finfo(dtype).max) / 4
+
+
+def _overflows(grads: list, raw: jax.Array, scale: jax.Array) -> jax.Array:
+  """True when an element of the gradient scaled by ``scale`` could square to inf in its moment
+  dtype, decided from norms alone, before the element-wise pass.
+
+  The global norm ``raw`` bounds every element (a rounded sum of squares never drops below its
+  largest term), so ``(raw * scale)**2`` finite means no square overflows. Leaves whose moments
+  are narrower than the norm (float32 leaves next to float64 ones under x64) use their own peak
+  instead, so a large float64 leaf does not skip the step for them.
+  """
+  groups: dict[Any, list] = {}
+  for g in grads:
+    g = jnp.asarray(g)
+    if g.size:
+      groups.setdefault(_moment_dtype(g.dtype), []).append(g)
+  out = jnp.zeros([], jnp.bool_)
+  for dt, leaves in groups.items():
+    peak = raw if dt == raw.dtype else global_norm(leaves, ord=math.inf)
+    top = peak.astype(dt) * scale.astype(dt)
+    out = out | ~jnp.isfinite(top * top)
+  return out
+
+
 def spam(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -249,12 +278,17 @@ def spam(
   :math:`v` while nothing clips it. The norms sit in a ring buffer that survives the resets; every
   accepted step adds its norm capped at the same bound (outside these periods too), so a spike
   enters the median bounded. Before any norm is known (empty buffer, or a median of 0) there is
-  no bound, and a gradient whose square would overflow is skipped (below).
+  no bound, and a gradient whose norm's square would overflow is skipped (below).
 
-  **Skipped steps.** A gradient with a NaN or Inf element, or whose (bounded or clipped)
-  elements' squares would overflow the moment dtype, skips the step: zero update; moments,
-  step count, reset position and norm buffer unchanged; counted in ``nonfinite_count``. The
-  moments therefore always stay finite.
+  **Skipped steps.** A gradient with a NaN or Inf element, or, while spike clipping is off,
+  whose global norm after the bound, squared, would overflow the moment dtype (float32: a
+  norm above 1.8e19; float32 leaves next to float64 ones under x64 use their largest element
+  instead), skips the step: zero update; moments, step count, reset position and norm buffer
+  unchanged; counted in ``nonfinite_count``. The decision is taken from the norm before the
+  element-wise pass, which therefore reads each gradient once, fused with the moment update.
+  While spike clipping is on, the clip bound :math:`\theta v` is capped at a quarter of the
+  moment dtype's largest value (8.5e37 in float32), so a clipped square never overflows and
+  spike clipping never skips a step. The moments therefore always stay finite.
 
   **Traced hyperparameters** (``optax.inject_hyperparams`` under ``jit``, or a schedule): a
   NaN, Inf or out-of-range ``learning_rate``, ``b1``, ``b2``, ``eps``, ``theta``,
@@ -382,32 +416,34 @@ def spam(
     step_size = step_size * _ramp(since, step >= interval, warmup_steps)
 
     # The robust bound while spike clipping is off: sqrt(theta) times the median recent norm.
-    norm = global_norm(treedef.unflatten(grads)).astype(stat)
+    raw = global_norm(treedef.unflatten(grads))
+    norm = raw.astype(stat)
     median = _median(state.history, state.filled)
     known = (median > 0) & (theta_ > 0)
     bound = jnp.where(known, jnp.sqrt(theta_) * median, jnp.inf)
     bounded = ~clip_on & (norm > bound)
     scale = jnp.where(bounded, bound / norm, jnp.ones([], stat))
+    # Everything that decides the step is known here, before the element-wise pass, so that
+    # pass reads each gradient once and fuses into the moment update (see _overflows).
+    overflow = ~clip_on & _overflows(grads, raw, scale)
+    bad = ~jnp.isfinite(norm) | overflow | invalid
 
     def moments(g, m, v):
       dt = m.dtype
       g = g.astype(dt) * scale.astype(dt)
       m = jnp.where(reset, jnp.zeros([], dt), m)
       v = jnp.where(reset, jnp.zeros([], dt), v)
-      bound2 = theta_.astype(dt) * v
+      bound2 = jnp.minimum(theta_.astype(dt) * v, jnp.asarray(_cap(dt), dt))
       spike = clip_on & (g * g > bound2)
       g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound2), g)
-      g2 = g * g
-      overflow = ~jnp.all(jnp.isfinite(g2))
-      m = m + c1.astype(dt) * (g - m)
-      v = v + c2.astype(dt) * (g2 - v)
-      u = -(step_size.astype(dt) * m / (jnp.sqrt(v) + jnp.asarray(eps, dt)))
-      return m, v, u, jnp.sum(spike, dtype=jnp.int32), overflow
+      m_new = m + c1.astype(dt) * (g - m)
+      v_new = v + c2.astype(dt) * (g * g - v)
+      u = -(step_size.astype(dt) * m_new / (jnp.sqrt(v_new) + jnp.asarray(eps, dt)))
+      return m_new, v_new, u, spike
 
     leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
     wd = None if no_decay else lr * jnp.asarray(weight_decay, _F32)
-    new_mu, new_nu, outs = [], [], []
-    spikes, overflow = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_)
+    new_mu, new_nu, outs, counts = [], [], [], []
     for g, m, v, p in zip(grads, mus, nus, leaves, strict=True):
       g = jnp.asarray(g)
       if g.size == 0:  # nothing to update; the state holds a 0-d placeholder
@@ -415,28 +451,27 @@ def spam(
         new_nu.append(v)
         outs.append(jnp.zeros(g.shape, g.dtype))
         continue
-      m, v, u, s, o = moments(g, m, v)
+      m_new, v_new, u, spike = moments(g, m, v)
       if wd is not None:
         u = u - wd.astype(u.dtype) * (jnp.asarray(p).astype(u.dtype) + u)
-      new_mu.append(m)
-      new_nu.append(v)
-      outs.append(u.astype(g.dtype))
-      spikes, overflow = spikes + s, overflow | o
+      new_mu.append(jnp.where(bad, m, m_new))
+      new_nu.append(jnp.where(bad, v, v_new))
+      outs.append(jnp.where(bad, jnp.zeros([], g.dtype), u.astype(g.dtype)))
+      counts.append(jnp.sum(spike, dtype=jnp.int32))
+    spikes = sum(counts, jnp.zeros([], jnp.int32))
 
-    skip = ~jnp.isfinite(norm) | overflow
-    bad = skip | invalid
+    skip = bad & ~invalid
     keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731
     taken = ~bad
-    out = [jnp.where(bad, jnp.zeros([], u.dtype), u) for u in outs]
     spikes = jnp.where(taken, spikes, 0)
     recorded = jnp.minimum(norm, bound)
-    return treedef.unflatten(out), SpamState(
+    return treedef.unflatten(outs), SpamState(
         count=keep(step, state.count),
-        mu=treedef.unflatten([keep(a, b) for a, b in zip(new_mu, mus, strict=True)]),
-        nu=treedef.unflatten([keep(a, b) for a, b in zip(new_nu, nus, strict=True)]),
+        mu=treedef.unflatten(new_mu),
+        nu=treedef.unflatten(new_nu),
         spikes=spikes,
         norm=norm,
-        nonfinite_count=add_count(state.nonfinite_count, skip & ~invalid),
+        nonfinite_count=add_count(state.nonfinite_count, skip),
         spike_count=add_count(state.spike_count, spikes),
         bounded_count=add_count(state.bounded_count, taken & bounded),
         invalid_count=add_count(state.invalid_count, invalid),

@@ -333,3 +333,19 @@ def test_orbax_roundtrip_and_resume(tmp_path):
       return ckptr.restore(path, jax.eval_shape(tx.init, params))
 
   _checkpoint_run(tmp_path, save, restore)
+
+
+def test_spike_bound_is_capped_so_clipping_never_overflows():
+  """While spike clipping is on, theta * v is capped at float32's max / 4: with v so large that
+  theta * v overflows, a huge element is clipped to sqrt(cap) (a spike) and the step is taken."""
+  tx = clipax.spam(0.01, theta=5000.0)
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)._replace(count=jnp.asarray(40, jnp.int32),
+                                   since_reset=jnp.asarray(40, jnp.int32))
+  state = state._replace(nu={"w": jnp.asarray([1e36, 1e-4, 1e-4], jnp.float32)})
+  g = {"w": jnp.asarray([1e30, 1e-3, -1e-3], jnp.float32)}
+  _, new = jax.jit(tx.update)(g, state, params)
+  assert int(new.nonfinite_count) == 0 and int(new.count) == 41 and int(new.spikes) == 1
+  cap = float(np.finfo(np.float32).max) / 4
+  np.testing.assert_allclose(as64(new.mu["w"])[0], 0.1 * np.sqrt(cap), rtol=1e-6)
+  assert _all_finite(new)
