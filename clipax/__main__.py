@@ -3,7 +3,9 @@
 ``python -m clipax demo [imbalance|cliff|spiky-lm|all] [--quick] [--seeds N] [--out DIR]`` runs
 the demo experiments on embedded data (nothing is downloaded), prints a table per experiment and
 writes PNG plots and a JSON of every number to ``--out`` (default ``./clipax-demo/``).
-``python -m clipax bench [args]`` runs ``benchmarks/bench_clip.py`` from a source checkout.
+``python -m clipax bench [args]`` runs ``benchmarks/bench_clip.py`` from a source checkout,
+``python -m clipax bench compiled [args]`` ``benchmarks/compiled.py`` (deviceless GPU/TPU
+program structure; needs the ``[aot]`` extra).
 ``python -m clipax`` alone runs the whole demo. The ``clipax`` console script is the same.
 """
 
@@ -57,7 +59,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   )
   demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   sub.add_parser(
-      "bench", help="run benchmarks/bench_clip.py (source checkout only); arguments are forwarded",
+      "bench", help="run benchmarks/bench_clip.py, or with `compiled` benchmarks/compiled.py "
+      "(source checkout only); arguments are forwarded",
       add_help=False,
   )
   return parser, demo
@@ -97,17 +100,20 @@ def run_demo(
 
 
 def _bench(argv: list[str]) -> int:
-  if not BENCH_SCRIPT.is_file():
+  script = BENCH_SCRIPT
+  if argv and argv[0] == "compiled":
+    script, argv = BENCH_SCRIPT.with_name("compiled.py"), argv[1:]
+  if not script.is_file():
     print(
-        f"clipax bench needs benchmarks/bench_clip.py from a source checkout of clipax (looked "
-        f"for {BENCH_SCRIPT}); it is not part of the installed package. Clone the repository "
-        "and run `pip install -e .` there, or run `python benchmarks/bench_clip.py` directly.",
+        f"clipax bench needs benchmarks/{script.name} from a source checkout of clipax (looked "
+        f"for {script}); it is not part of the installed package. Clone the repository "
+        f"and run `pip install -e .` there, or run `python benchmarks/{script.name}` directly.",
         file=sys.stderr,
     )
     return 2
-  spec = importlib.util.spec_from_file_location("clipax_bench_clip", BENCH_SCRIPT)
+  spec = importlib.util.spec_from_file_location(f"clipax_bench_{script.stem}", script)
   if spec is None or spec.loader is None:
-    raise RuntimeError(f"cannot load {BENCH_SCRIPT}")
+    raise RuntimeError(f"cannot load {script}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   module.main(argv)

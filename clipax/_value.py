@@ -175,10 +175,13 @@ def _accelerated_jvp(per_leaf, concat, primals, tangents):
 def _stats(
     leaves: list[jax.Array], c: jax.Array, per_leaf: bool, concat: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
-  """``(norm, peak, post-clip norm, per-leaf norms)``: the fused pass on GPU/TPU,
-  :func:`_plain` on the CPU; never a conditional."""
+  """``(norm, peak, post-clip norm, per-leaf norms)``: the fused pass on GPUs, :func:`_plain` on
+  the CPU and the TPU (whose compiler fuses the norms' per-leaf reductions into one kernel per
+  leaf by itself, and writes the fused pass's concatenated row results to memory: 418 kernels
+  against 202 for the 100-leaf benchmark tree); never a conditional."""
   return lax.platform_dependent(
       tuple(leaves), c, cpu=lambda xs, c: _plain(list(xs), c, per_leaf, True),
+      tpu=lambda xs, c: _plain(list(xs), c, per_leaf, False),
       default=lambda xs, c: _accelerated(xs, c, per_leaf, concat))
 
 

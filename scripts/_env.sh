@@ -72,3 +72,20 @@ clipax_install() {
     touch "$stamp"
   fi
 }
+
+# The TPU compiler (libtpu, from jax[tpu] at the installed jax's version) for the structure tests
+# that compile for a TPU without one (tests/test_compiled_structure.py). Optional: when pip cannot
+# install it (no wheel for this platform, no network), CLIPAX_AOT_UNAVAILABLE says why and those
+# tests are skipped with that reason.
+clipax_install_tpu_compiler() {
+  local jaxver
+  if "$PY" -c 'import importlib.metadata as m; m.version("libtpu")' >/dev/null 2>&1; then
+    return
+  fi
+  jaxver=$("$PY" -c 'import jax; print(jax.__version__)') || return
+  clipax_step "installing the TPU compiler for the deviceless structure tests (jax[tpu]==$jaxver)"
+  if ! "$PY" -m pip install --disable-pip-version-check "jax[tpu]==$jaxver"; then
+    export CLIPAX_AOT_UNAVAILABLE="pip could not install jax[tpu]==$jaxver (its output is above)"
+    clipax_step "not installed: the TPU structure tests will be skipped"
+  fi
+}
