@@ -262,7 +262,9 @@ def run(targets, trees, cases, quick: bool, progress=print, leaves: int = 200) -
 
 # Targets not met yet, with the ceiling each is held to meanwhile (tests/test_compiled_structure.py
 # checks both that these rows stay within their ceiling and that no other row misses a target).
-KNOWN_GAPS: dict[tuple[str, str], dict[str, float]] = {
+KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree, case)
+    # Sharded over 8 devices, adagc's per-leaf statistics are small kernels of their own.
+    ("h100", "sharded", "adagc"): {"reads_max": 2, "kernels_ratio": 1.6},
     # The spike count is its own kernel on the TPU, a third read of each gradient.
     ("tpu", "spam"): {"reads_max": 3, "kernels_ratio": 1.6},
     # The per-leaf scalar bookkeeping of the unit-wise clip is one small kernel per leaf.
@@ -273,9 +275,14 @@ KNOWN_GAPS: dict[tuple[str, str], dict[str, float]] = {
 }
 
 
+def _gap(row: dict) -> dict | None:
+  return KNOWN_GAPS.get((row["target"], row["tree"], row["case"])) or KNOWN_GAPS.get(
+      (row["target"], row["case"]))
+
+
 def beyond_ceiling(row: dict) -> list[str]:
   """For a row in :data:`KNOWN_GAPS`, what exceeds its ceiling; for other rows its failures."""
-  ceiling = KNOWN_GAPS.get((row["target"], row["case"]))
+  ceiling = _gap(row)
   if ceiling is None:
     return list(row.get("failures", []))
   c, o = row["clipax"], row["optax"]
@@ -319,7 +326,7 @@ def markdown(rows: list[dict]) -> str:
     def mb(x):
       return "-" if x is None else f"{x / 2**20:.1f}"
     ok = "-" if r["case"] == "adamw" else ("met" if not r["failures"] else "; ".join(r["failures"]))
-    if r.get("failures") and (r["target"], r["case"]) in KNOWN_GAPS:
+    if r.get("failures") and _gap(r) is not None:
       ok = "missed (open): " + ok
     lines.append(
         f"| {r['target']} | {r['tree']} | {r['case']} | {r.get('optax_equivalent', '-')} | "

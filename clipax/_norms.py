@@ -33,7 +33,7 @@ from jax import lax
 from jax.sharding import AxisType
 
 from clipax import _checks
-from clipax._grouping import gpu_blocks, gpu_leaf_reduce
+from clipax._grouping import gpu_blocks, gpu_leaf_reduce, gpu_sums
 
 AxisName = str | tuple[str, ...] | None
 ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
@@ -332,6 +332,9 @@ def _sum_shards(
       return _total([block_sum(b, fn) for b in blocks], dtype, jnp.sum)
     if _VARIADIC_RESCUE and not cpu:
       per_block = [_variadic_sums(b, fns, dtype) for b in blocks]
+      return jnp.stack([_total([p[i] for p in per_block], dtype, jnp.sum) for i in range(len(fns))])
+    if gpu:
+      per_block = [gpu_sums(b, fns, dtype) for b in blocks]
       return jnp.stack([_total([p[i] for p in per_block], dtype, jnp.sum) for i in range(len(fns))])
     return jnp.stack([_total([block_sum(b, f) for b in blocks], dtype, jnp.sum) for f in fns])
 
@@ -660,16 +663,23 @@ def _leafwise_value(
       return (_cpu_sum(x, power) if cpu else jnp.sum(power(x))).astype(dtype)
 
     def row(fn):
-      if gpu:  # the factor is None on this (branch-free) path
-        total = lambda b, axes: jnp.sum(fn(b, None), axis=axes).astype(dtype)
-        return _count_once(jnp.stack(gpu_leaf_reduce(leaves, total, _maybe_sharded)), axis_name,
-                           replicated)
       return _count_once(jnp.stack([one(x, fn, i) for i, x in enumerate(leaves)]), axis_name,
                          replicated)
 
     if callable(fns):
       return _psum(row(fns), axis_name)
-    if _VARIADIC_RESCUE and not cpu and not gpu:
+    if gpu:  # the factor is None on this (branch-free) path
+      powers = [lambda b, fn=fn: fn(b, None) for fn in fns]
+
+      def reduce(b, axes):  # (len(fns),) for a leaf alone, (k, len(fns)) for a stack of k
+        if len(axes) == b.ndim:
+          return jnp.stack(gpu_sums(b, powers, dtype))
+        return jnp.stack([jnp.sum(f(b), axis=axes).astype(dtype) for f in powers], axis=-1)
+
+      per_leaf = jnp.stack(gpu_leaf_reduce(leaves, reduce, _maybe_sharded))  # (leaves, fns)
+      rows = [_count_once(per_leaf[:, k], axis_name, replicated) for k in range(len(fns))]
+      return _psum(jnp.stack(rows), axis_name)
+    if _VARIADIC_RESCUE and not cpu:
       # the factor is None on this (branch-free) path
       per_leaf = [_variadic_sums(x, [lambda b, fn=fn: fn(b, None) for fn in fns], dtype)
                   for x in leaves]

@@ -73,13 +73,20 @@ def _many_leaves(rng, scale):
   return tree
 
 
+@pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 1e20, 1e-22])
 @pytest.mark.parametrize("ord", ORDS)
-def test_gpu_grouping_of_many_leaves_matches_float64(ord, scale, monkeypatch):
+def test_gpu_grouping_of_many_leaves_matches_float64(ord, scale, alone, monkeypatch):
   # The GPU path concatenates (global norm) and stacks (per-leaf norms) groups of leaves; each
-  # result must be the leaf's own, through the overflow and underflow rescues.
+  # result must be the leaf's own, through the overflow and underflow rescues. ``alone``: the
+  # leaves of two or more dimensions are taken as mesh-sharded, so they are reduced alone, by
+  # rows first (``_grouping.gpu_sums``).
   force_platform(monkeypatch, "gpu")
   tree = _many_leaves(np.random.default_rng(7), scale)
+  if alone:
+    monkeypatch.setattr(_norms, "_maybe_sharded", lambda x: x.ndim >= 2)
+    # large enough to be reduced by rows first
+    tree["big"] = jnp.asarray(np.random.default_rng(9).normal(size=(300, 300)) * scale)
   got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
   assert_close(got, norm64(tree, ord), jnp.float32, rtol=2e-6)
   per_leaf = jax.jit(lambda t: clipax.leaf_norms(t, ord=ord))(tree)
