@@ -82,11 +82,11 @@ def gpu_leaf_reduce(
 
 def gpu_sums(b: jax.Array, fns: Sequence[Callable], dtype) -> list[jax.Array]:
   """``[sum(f(b)) for f in fns]`` for a GPU. A leaf kept whole (a sharded one) of two or more
-  dimensions and at least :data:`ROWS_FIRST` elements is reduced over its last axis first, every ``f`` in one multi-output kernel, and the
-  row results of all ``f`` then in one more: left to itself XLA:GPU splits each of the sums of a
-  large leaf into a row kernel and a scalar kernel of its own (three sums: four kernels more per
-  leaf). Stacking the row results of one leaf moves no data between devices: they share the
-  leaf's sharding."""
+  dimensions and at least :data:`ROWS_FIRST` elements is reduced over its last axis first,
+  every ``f`` in one multi-output kernel, and the row results of all ``f`` then in one more:
+  left to itself XLA:GPU splits each of the sums of a large leaf into a row kernel and a scalar
+  kernel of its own (three sums: four kernels more per leaf). Stacking the row results of one
+  leaf moves no data between devices: they share the leaf's sharding."""
   if b.ndim < 2 or b.size < ROWS_FIRST:
     return [jnp.sum(f(b)).astype(dtype) for f in fns]
   rows = jnp.stack([jnp.sum(f(b).astype(dtype), axis=-1) for f in fns])
