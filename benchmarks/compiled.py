@@ -263,8 +263,19 @@ def run(targets, trees, cases, quick: bool, progress=print, leaves: int = 200) -
 # Targets not met yet, with the ceiling each is held to meanwhile (tests/test_compiled_structure.py
 # checks both that these rows stay within their ceiling and that no other row misses a target).
 KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree, case)
-    # Sharded over 8 devices, adagc's per-leaf statistics are small kernels of their own.
-    ("h100", "sharded", "adagc"): {"reads_max": 2, "kernels_ratio": 1.6},
+    # With bfloat16 gradients the TPU does not fuse the elementwise policy's statistics into the
+    # optimizer's pass: a second read.
+    ("tpu", "mixed-bf16", "clip_by_value_elementwise"): {"reads_max": 2, "kernels_ratio": 1.75},
+    # Sharded over 8 devices (GSPMD under jit, where a leaf's sharding is not known while tracing,
+    # so no leaf is concatenated or stacked), the per-leaf statistics are small kernels of
+    # their own on the GPU, one or two per leaf.
+    ("h100", "sharded", "clip_by_leaf_norm"): {"reads_max": 2, "kernels_ratio": 1.7},
+    ("h100", "sharded", "clip_by_block_rms"): {"reads_max": 2, "kernels_ratio": 1.7},
+    ("h100", "sharded", "adagc"): {"reads_max": 2, "kernels_ratio": 2.5},
+    ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 2.0},
+    ("h100", "sharded", "zclip"): {"reads_max": 2, "kernels_ratio": 1.1},
+    ("h100", "sharded", "skip_spikes"): {"reads_max": 2, "kernels_ratio": 1.1},
+    ("h100", "sharded", "spam"): {"reads_max": 2, "kernels_ratio": 1.25},
     # The spike count is its own kernel on the TPU, a third read of each gradient.
     ("tpu", "spam"): {"reads_max": 3, "kernels_ratio": 1.6},
     # The per-leaf scalar bookkeeping of the unit-wise clip is one small kernel per leaf.
