@@ -48,6 +48,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Only compiling: let several processes (pytest workers, parallel runs) load libtpu at once; it
 # otherwise takes a machine-wide lock (/tmp/libtpu_lockfile) meant for processes that own a TPU.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# libtpu where the test command puts it (./.aot/tpu, outside the Python environment), unless it
+# is installed in the environment (the [aot] extra) or TPU_LIBRARY_PATH names one already.
+LOCAL_LIBTPU = Path(__file__).resolve().parents[1] / ".aot" / "tpu" / "libtpu" / "libtpu.so"
+if LOCAL_LIBTPU.is_file():
+  os.environ.setdefault("TPU_LIBRARY_PATH", str(LOCAL_LIBTPU))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

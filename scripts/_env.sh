@@ -73,19 +73,27 @@ clipax_install() {
   fi
 }
 
-# The TPU compiler (libtpu, from jax[tpu] at the installed jax's version) for the structure tests
-# that compile for a TPU without one (tests/test_compiled_structure.py). Optional: when pip cannot
-# install it (no wheel for this platform, no network), CLIPAX_AOT_UNAVAILABLE says why and those
-# tests are skipped with that reason.
+# The TPU compiler (libtpu, the version the installed jax's `tpu` extra names) for the structure
+# tests that compile for a TPU without one (tests/test_compiled_structure.py). It goes into
+# ./.aot/tpu, not into the Python environment: there it would make every JAX program look for a
+# TPU at startup (and print libtpu's warnings). The tests point TPU_LIBRARY_PATH at it. Optional:
+# when pip cannot install it (no wheel for this platform, no network), CLIPAX_AOT_UNAVAILABLE says
+# why and those tests are skipped with that reason.
 clipax_install_tpu_compiler() {
-  local jaxver
-  if "$PY" -c 'import importlib.metadata as m; m.version("libtpu")' >/dev/null 2>&1; then
+  local spec
+  if [[ -f .aot/tpu/libtpu/libtpu.so ]]; then
     return
   fi
-  jaxver=$("$PY" -c 'import jax; print(jax.__version__)') || return
-  clipax_step "installing the TPU compiler for the deviceless structure tests (jax[tpu]==$jaxver)"
-  if ! "$PY" -m pip install --disable-pip-version-check "jax[tpu]==$jaxver"; then
-    export CLIPAX_AOT_UNAVAILABLE="pip could not install jax[tpu]==$jaxver (its output is above)"
+  spec=$("$PY" -c 'import importlib.metadata as m, re
+print(next(re.split(r"\s*;", r)[0] for r in m.requires("jax") if r.startswith("libtpu")))') || {
+    export CLIPAX_AOT_UNAVAILABLE="the installed jax names no libtpu version in its tpu extra"
+    return
+  }
+  clipax_step "installing the TPU compiler into ./.aot/tpu for the deviceless structure tests ($spec)"
+  rm -rf .aot/tpu
+  if ! "$PY" -m pip install --disable-pip-version-check --no-deps --target .aot/tpu "$spec"; then
+    rm -rf .aot/tpu
+    export CLIPAX_AOT_UNAVAILABLE="pip could not install $spec (its output is above)"
     clipax_step "not installed: the TPU structure tests will be skipped"
   fi
 }

@@ -3,15 +3,16 @@
 # active virtual/conda environment, else into ./.venv, see scripts/_env.sh), lints, type-checks
 # the package (mypy), runs the suite and the doctests (2 pytest-xdist workers), then the
 # multi-device tests in their own pytest process on 8 simulated CPU devices. It also installs
-# libtpu (jax[tpu]) for the tests that compile for a TPU without one. Extra arguments go to both
+# libtpu (into ./.aot/tpu) for the tests that compile for a TPU without one. Extra arguments go to both
 # pytest runs (e.g. `bash scripts/test.sh -x -k norm`). Runs every phase; exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_env.sh
 clipax_install test || exit
 clipax_install_tpu_compiler
-# The suite runs on the CPU (multi-device tests on simulated CPU devices); with libtpu installed
-# JAX would otherwise look for a TPU at startup. Compiling for TPU/GPU without one still works.
+# The suite runs on the CPU (multi-device tests on simulated CPU devices); JAX_PLATFORMS=cpu keeps
+# JAX from looking for an accelerator (libtpu or a CUDA plugin in the environment would make it
+# try). Compiling for TPU/GPU without one still works.
 export JAX_PLATFORMS=cpu
 failed=()
 

@@ -1,7 +1,7 @@
 """The structure of the GPU and TPU train steps, compiled without a device.
 
 ``benchmarks/compiled.py`` compiles one ``chain(clipper, adamw)`` step per transformation for a
-TPU v5e (libtpu, installed by the test command) and, where the CUDA compile-only plugin is
+TPU v5e (libtpu, which the test command installs into ./.aot/tpu) and, where the CUDA compile-only plugin is
 installed (``pip install -e '.[aot]'``), for an H100, and checks the issue-17 targets against the
 optax equivalent: gradient reads, kernels within 5%, no conditionals on the GPU. A regression in
 the fusion structure of any transformation fails here, without a device. The tree is the
@@ -41,7 +41,10 @@ def _load(name):
 
 hlo = _load("hlo_structure")
 
-HAVE_TPU = importlib.util.find_spec("libtpu") is not None
+# libtpu in the environment (the [aot] extra), or where scripts/test.sh puts it (compiled.py then
+# points TPU_LIBRARY_PATH at it)
+HAVE_TPU = importlib.util.find_spec("libtpu") is not None or (
+    BENCH.parent / ".aot" / "tpu" / "libtpu" / "libtpu.so").is_file()
 
 
 def _installed(dist):
@@ -54,7 +57,7 @@ def _installed(dist):
 
 HAVE_GPU = _installed("jax-cuda12-plugin") and os.environ.get("JAX_PLATFORMS") == "cpu"
 TPU_REASON = os.environ.get("CLIPAX_AOT_UNAVAILABLE") or (
-    "libtpu is not installed (scripts/test.sh installs jax[tpu] for these tests; "
+    "libtpu is not installed (scripts/test.sh puts it in ./.aot/tpu for these tests; "
     "`pip install -e '.[aot]'` by hand)")
 GPU_REASON = ("the CUDA compile-only plugin is not installed (`pip install -e '.[aot]'`, 1.1 GB, "
               "and JAX_PLATFORMS=cpu)")
