@@ -1,9 +1,10 @@
 """The structure of the GPU and TPU train steps, compiled without a device.
 
 ``benchmarks/compiled.py`` compiles one ``chain(clipper, adamw)`` step per transformation for a
-TPU v5e (libtpu, which the test command installs into ./.aot/tpu) and, where the CUDA compile-only plugin is
-installed (``pip install -e '.[aot]'``), for an H100, and checks the issue-17 targets against the
-optax equivalent: gradient reads, kernels within 5%, no conditionals on the GPU. A regression in
+TPU v5e (libtpu, which the test command installs into ./.aot/tpu) and, where the CUDA
+compile-only plugin is installed (``pip install -e '.[aot]'``), for an H100, and checks the
+issue-17 targets against the optax equivalent: gradient reads, kernels within 5%, no conditionals
+on the GPU. A regression in
 the fusion structure of any transformation fails here, without a device. The tree is the
 benchmark's mix of shapes at 40 leaves (the benchmark's results use 200), where a few scalar
 kernels are more than 5%: the kernel target has a slack of 4 here. The open gaps
