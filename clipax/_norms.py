@@ -437,8 +437,9 @@ def _by_platform(
   GPU a conditional copies its predicate to the host (a sync in the middle of the train step)
   and measured one extra read of every gradient on an H100, so there the three sums (plain,
   scaled down, scaled up) are always computed and the exact one is selected: standalone that
-  runs at optax's speed on an H100, but inside a train step XLA keeps them as three reduction
-  kernels per large leaf (benchmarks/README.md, "Training step").
+  runs at optax's speed on an H100. Inside a train step XLA kept them as three reduction
+  kernels per large leaf; the GPU path groups the leaves (:mod:`clipax._grouping`) so that the
+  three sums of a group share their kernels (benchmarks/README.md, "Compiled structure").
   """
   if gpu is None:
     return lax.platform_dependent(cpu=cpu, default=accelerator)
