@@ -23,6 +23,7 @@ from clipax._norms import (
     ReductionAxes,
     UnitRule,
     _accum_dtype,
+    _by_platform,
     _cpu_sum,
     _magnitude,
     _needs_rescue,
@@ -129,9 +130,7 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     sums = [unit_sum(f(x)) for f in _scaled_powers(_accum_dtype(x.dtype), 2)]
     return _pick_sum(*sums, 2)
 
-  return lax.platform_dependent(
-      cpu=with_cond, cuda=lambda: _scaled_ssq(x, axes), rocm=lambda: _scaled_ssq(x, axes),
-      default=branch_free)
+  return _by_platform(with_cond, branch_free, lambda: _scaled_ssq(x, axes))
 
 
 def _scaled_ssq(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
