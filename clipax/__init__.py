@@ -24,6 +24,11 @@ from clipax._metrics import metrics as metrics
 from clipax._monitor import monitor as monitor
 from clipax._norms import global_norm as global_norm
 from clipax._norms import leaf_norms as leaf_norms
+from clipax._per_example import PerExampleInfo as PerExampleInfo
+from clipax._per_example import per_example_clip as per_example_clip
+from clipax._per_example import per_example_clipped_grad as per_example_clipped_grad
+from clipax._per_example_tx import PerExampleState as PerExampleState
+from clipax._per_example_tx import clip_per_example as clip_per_example
 from clipax._spam import SpamState as SpamState
 from clipax._spam import spam as spam
 from clipax._spikes import SkipState as SkipState
@@ -42,6 +47,8 @@ __all__ = [
     "AdaGCState",
     "AutoClipState",
     "ClipState",
+    "PerExampleInfo",
+    "PerExampleState",
     "SkipState",
     "SpamState",
     "Verdict",
@@ -53,12 +60,15 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
+    "clip_per_example",
     "clip_with_norm",
     "diagnose",
     "global_norm",
     "leaf_norms",
     "metrics",
     "monitor",
+    "per_example_clip",
+    "per_example_clipped_grad",
     "skip_nonfinite",
     "skip_spikes",
     "spam",

@@ -38,6 +38,7 @@ _KIND_OF_CLASS = {
     "SkipNonfiniteState": "skip_nonfinite",
     "SkipState": "skip_spikes",
     "SpamState": "spam",
+    "PerExampleState": "per_example",
 }
 
 # Keys of wrapper states (optax's, Flax's) in their dict forms: never a user's chain name.
