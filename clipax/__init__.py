@@ -17,6 +17,9 @@ from clipax._clipping import clip_by_block_rms as clip_by_block_rms
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
 from clipax._clipping import clip_with_norm as clip_with_norm
+from clipax._groups import GroupClipState as GroupClipState
+from clipax._groups import clip_by_group_norm as clip_by_group_norm
+from clipax._groups import clip_by_subset_norm as clip_by_subset_norm
 from clipax._guards import skip_nonfinite as skip_nonfinite
 from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
@@ -36,6 +39,10 @@ from clipax._spikes import skip_spikes as skip_spikes
 from clipax._state import ClipState as ClipState
 from clipax._suggest import suggest_max_norm as suggest_max_norm
 from clipax._unitwise import unitwise_norms as unitwise_norms
+from clipax._update_clip import UpdateClipState as UpdateClipState
+from clipax._update_clip import clip_update_rms as clip_update_rms
+from clipax._update_clip import clippy as clippy
+from clipax._update_clip import stable_adamw as stable_adamw
 from clipax._value import clip_by_value as clip_by_value
 
 try:
@@ -47,10 +54,12 @@ __all__ = [
     "AdaGCState",
     "AutoClipState",
     "ClipState",
+    "GroupClipState",
     "PerExampleInfo",
     "PerExampleState",
     "SkipState",
     "SpamState",
+    "UpdateClipState",
     "Verdict",
     "ZClipState",
     "adagc",
@@ -58,10 +67,14 @@ __all__ = [
     "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_group_norm",
     "clip_by_leaf_norm",
+    "clip_by_subset_norm",
     "clip_by_value",
     "clip_per_example",
+    "clip_update_rms",
     "clip_with_norm",
+    "clippy",
     "diagnose",
     "global_norm",
     "leaf_norms",
@@ -72,6 +85,7 @@ __all__ = [
     "skip_nonfinite",
     "skip_spikes",
     "spam",
+    "stable_adamw",
     "suggest_max_norm",
     "unitwise_norms",
     "zclip",

@@ -38,6 +38,7 @@ _KIND_OF_CLASS = {
     "SkipNonfiniteState": "skip_nonfinite",
     "SkipState": "skip_spikes",
     "SpamState": "spam",
+    "UpdateClipState": "update_clip",
     "PerExampleState": "per_example",
 }
 

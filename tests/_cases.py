@@ -40,6 +40,35 @@ def _sgd():
   return optax.sgd(0.1, momentum=0.9)
 
 
+def _adam(lr=0.1, b1=0.9, b2=0.999, eps=1e-8):
+  """Adam as ``optax.adam`` computes it, its state an ``optax.ScaleByAdamState``, but clean under
+  strict dtype promotion (optax's own bias correction raises on ``float ** int32`` there): the
+  inner optimizer of ``clip_update_rms`` (``tests/test_update_clip.py`` wraps optax's)."""
+  import jax
+  import jax.numpy as jnp
+
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                  mu=jax.tree_util.tree_map(zeros, params),
+                                  nu=jax.tree_util.tree_map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    bc1 = 1 - jnp.asarray(b1, jnp.float32) ** t
+    bc2 = 1 - jnp.asarray(b2, jnp.float32) ** t
+    mu = jax.tree_util.tree_map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+    nu = jax.tree_util.tree_map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, state.nu)
+    out = jax.tree_util.tree_map(
+        lambda m, v: -lr * (m / bc1.astype(m.dtype))
+        / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
+    return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 CLIPPERS = [
     Case("clip_by_global_norm", clipax.clip_by_global_norm, (), {"max_norm": 1.0}, "max_norm",
          inf_is_off=True),
@@ -64,4 +93,8 @@ CLIPPERS = [
     Case("skip_spikes", clipax.skip_spikes, (_sgd(),), {"window": 4, "warmup": 2}, "threshold",
          "guard"),
     Case("spam", clipax.spam, (), {"learning_rate": 0.1}, "learning_rate", "optimizer"),
+    # update clipping: wrappers around an optimizer (issue 15)
+    Case("clip_update_rms", clipax.clip_update_rms, (_adam(),), {}, "b2", "optimizer"),
+    Case("clippy", clipax.clippy, (optax.adagrad(0.1),), {"relative": 0.1}, "relative",
+         "optimizer"),
 ]
