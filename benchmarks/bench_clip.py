@@ -59,7 +59,10 @@ import numpy as np
 import optax
 
 import clipax
-from clipax import _norms as clipax_norms
+from clipax import _platform, _rescue
+
+# The clipax settings an experiment may patch, and the module that reads each while tracing.
+SETTINGS = {"_SMALL_LEAF": _platform, "_VARIADIC_RESCUE": _rescue}
 
 try:  # torch is optional: its column is left out without it.
   import torch
@@ -191,18 +194,18 @@ def first_threshold(tree: Any) -> float:
 
 @contextlib.contextmanager
 def traced_with(patch: dict[str, Any] | None):
-  """Sets attributes of ``clipax._norms`` (read while tracing only) for the duration, with JAX's
+  """Sets clipax settings (:data:`SETTINGS`, read while tracing only) for the duration, with JAX's
   trace caches cleared on the way in and out so the patched values are the ones traced."""
-  saved = {k: getattr(clipax_norms, k) for k in (patch or {})}
+  saved = {k: getattr(SETTINGS[k], k) for k in (patch or {})}
   if patch:
     jax.clear_caches()
   for k, v in (patch or {}).items():
-    setattr(clipax_norms, k, v)
+    setattr(SETTINGS[k], k, v)
   try:
     yield
   finally:
     for k, v in saved.items():
-      setattr(clipax_norms, k, v)
+      setattr(SETTINGS[k], k, v)
     if patch:
       jax.clear_caches()
 
@@ -213,7 +216,7 @@ def clip_runner(name: str, make_tx: Callable[[jax.Array], optax.GradientTransfor
 
   Donated, the output, the state and the threshold times :data:`DECAY` are fed back; not donated,
   every call sees the same input and threshold. ``patch`` traces clipax with other values of
-  ``clipax._norms`` settings (``_SMALL_LEAF``, ``_VARIADIC_RESCUE``).
+  clipax settings (:data:`SETTINGS`: ``_SMALL_LEAF``, ``_VARIADIC_RESCUE``).
   """
   # In the leaves' dtype: optax's clip needs that (a float32 array threshold with bfloat16
   # leaves fails in its `lax.select`); clipax takes any.
@@ -638,7 +641,7 @@ def markdown(env: dict, records: list[dict]) -> str:
             for r in clip]
     lines += _table(
         "Experiments, median ms, donated: clipax traced with another bound on the leaf size it "
-        "concatenates before reducing (`small_leaf`, default " + str(clipax_norms._SMALL_LEAF)
+        "concatenates before reducing (`small_leaf`, default " + str(_platform._SMALL_LEAF)
         + "), or with the GPU/TPU rescue's three sums as one variadic reduction (`variadic`; "
         "the same program as clipax on a CPU).",
         " | ".join(["tree", "clipax", *variants]), rows, left=1)

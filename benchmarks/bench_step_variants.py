@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 import clipax
-from clipax import _norms
+from clipax import _platform
 
 params = b.make_tree(b.transformer_shapes(sys.argv[1:2] == ["quick"]), jnp.float32, seed=1)
 grads = b.make_tree(b.transformer_shapes(sys.argv[1:2] == ["quick"]), jnp.float32, seed=2)
@@ -38,7 +38,7 @@ variants = {
 }
 res = {}
 for name, make in variants.items():
-  _norms._SMALL_LEAF = 0 if name == "clipax_noconcat" else (1 << 16)
+  _platform._SMALL_LEAF = 0 if name == "clipax_noconcat" else (1 << 16)
   tx = make()
   def step(p, s, g, tx=tx):
     u, s = tx.update(g, s, p)

@@ -16,17 +16,18 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._adaptive import (
-  _cap,
-  _check_max_norm,
-  _invalid_cap,
-  _keep_if,
-  _threshold_metrics,
-  warming_up,
+    _cap,
+    _check_max_norm,
+    _invalid_cap,
+    _keep_if,
+    _threshold_metrics,
+    warming_up,
 )
 from clipax._checks import Nonfinite
 from clipax._clipping import action, combine_norms, scale_for
+from clipax._elements import AxisName, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics
-from clipax._norms import AxisName, _leafwise, float_leaves
+from clipax._norms import _leafwise
 from clipax._state import add_count, applied_norm, init_base, named, record, register_state
 
 

@@ -33,16 +33,16 @@ from jax.typing import ArrayLike
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import action, invalid_threshold, scale_for
+from clipax._elements import AxisName, float_leaves
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import AxisName, float_leaves
 from clipax._state import (
-  _value,
-  add_count,
-  clip_state_metrics,
-  init_base,
-  named,
-  record,
-  register_state,
+    _value,
+    add_count,
+    clip_state_metrics,
+    init_base,
+    named,
+    record,
+    register_state,
 )
 
 ZClipMode = Literal["reciprocal", "mean", "zscore"]

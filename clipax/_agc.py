@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import _per_leaf_clip, _transformation, invalid_threshold
-from clipax._norms import ReductionAxes, UnitRule, float_leaves
+from clipax._elements import ReductionAxes, UnitRule, float_leaves
 from clipax._unitwise import unitwise_norms
 
 

@@ -18,7 +18,7 @@ from clipax._adaptive import (
     static_int,
 )
 from clipax._checks import Nonfinite
-from clipax._norms import AxisName
+from clipax._elements import AxisName
 from clipax._state import register_state
 
 

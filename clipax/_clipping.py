@@ -19,17 +19,10 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
+from clipax._elements import AxisName, Replicated, by_ord, canonical_ord, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import (
-  AxisName,
-  Replicated,
-  _global,
-  _leafwise,
-  by_ord,
-  canonical_ord,
-  check_replicated,
-  float_leaves,
-)
+from clipax._norms import _global, _leafwise
+from clipax._sharding import check_replicated
 from clipax._state import applied_norm, clip_state, init_clip_state, named, record, stat_dtype
 
 
@@ -52,7 +45,7 @@ def _apart_on_cpu(g: jax.Array, tag: jax.Array) -> jax.Array:
   fresh buffer every step, because its fused reductions cannot take the shared convert: 4x
   slower clipping on a bfloat16 transformer tree (optax is hit the same way). The barrier keeps
   the two converts apart, so each fuses into its own pass. ``tag`` (the scale, the threshold)
-  makes this barrier differ from the one on the same leaf in ``_norms._peak``, which CSE would
+  makes this barrier differ from the one on the same leaf in ``_platform._peak``, which CSE would
   otherwise merge with it. GPU and TPU fuse a shared convert into both consumers, and their
   programs are left as they were.
   """

@@ -11,7 +11,7 @@ three sums of the overflow rescue; the benchmark tree's norm then takes 15 kerne
 per-leaf norms 16 (``benchmarks/compiled.py``), each gradient still read once.
 
 The TPU is different: it writes a concatenated buffer first, so there the leaves are reduced one
-by one (``_norms._blocks``) and nothing here is used. Leaves that a mesh may shard (GSPMD) are
+by one (``_platform._blocks``) and nothing here is used. Leaves that a mesh may shard (GSPMD) are
 never concatenated or stacked: that would gather them.
 """
 
@@ -61,7 +61,7 @@ def gpu_leaf_reduce(
   groups: dict[tuple, list[int]] = {}
   for i, x in enumerate(leaves):
     # One-element leaves alone: stacked, their sum disappears and XLA may rewrite the rescue's
-    # scaled squares (see ``_norms._scaled_powers``).
+    # scaled squares (see ``_rescue._scaled_powers``).
     if sharded(x) or x.size <= 1:
       out[i] = reduce(x, tuple(range(x.ndim)))
     else:

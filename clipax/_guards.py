@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from clipax import _checks
+from clipax._elements import AxisName
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import AxisName
 from clipax._state import _value, add_count, named, register_state, stat_dtype
 
 MAD_TO_STD = 1.4826

@@ -16,16 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clipax._norms import (
-    AxisName,
-    Replicated,
-    _global,
-    _leafwise,
-    by_ord,
-    float_leaves,
-    global_norm,
-    replicated_mask,
-)
+from clipax._elements import AxisName, Replicated, by_ord, float_leaves
+from clipax._norms import _global, _leafwise, global_norm
+from clipax._sharding import replicated_mask
 
 NO_LEAF_NORMS: tuple = ()
 

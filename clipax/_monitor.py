@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import optax
 
 from clipax import _checks
+from clipax._elements import AxisName, Replicated, canonical_ord
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import AxisName, Replicated, canonical_ord, check_replicated
+from clipax._sharding import check_replicated
 from clipax._state import clip_state, init_clip_state, named, record, stat_dtype
 
 

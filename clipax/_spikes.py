@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._adaptive import _known_size, static_int
+from clipax._elements import AxisName
 from clipax._guards import (
     DEFAULT_WARMUP,
     _check_inner_and_max_consecutive,
@@ -29,7 +30,6 @@ from clipax._guards import (
     robust_band,
 )
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import AxisName
 from clipax._state import add_count, named, register_state, stat_dtype
 
 Watch = Literal["norm", "loss", "both"]

@@ -17,23 +17,17 @@ import numpy as np
 from jax import lax
 
 from clipax import _checks
-from clipax._norms import (
-    _CPU_CHUNK,
-    _CPU_CHUNKED,
+from clipax._elements import (
     ReductionAxes,
     UnitRule,
     _accum_dtype,
-    _by_platform,
-    _cpu_sum,
     _magnitude,
-    _needs_rescue,
-    _pick_sum,
     _power,
-    _rescue_factor,
     _root,
-    _scaled_powers,
     float_leaves,
 )
+from clipax._platform import _CPU_CHUNK, _CPU_CHUNKED, _by_platform, _cpu_sum
+from clipax._rescue import _needs_rescue, _pick_sum, _rescue_factor, _scaled_powers
 
 
 def unit_axes(x: jax.Array, units: UnitRule = "nfnets", path: str = "<root>") -> tuple[int, ...]:
@@ -109,8 +103,8 @@ def _cpu_unit_sum(
 
 
 def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
-  """Per-unit L2 norms of one leaf, with the overflow rescue of :func:`clipax._norms._exact_root`: a
-  ``lax.cond`` on the CPU, the three sums and a select on GPU/TPU."""
+  """Per-unit L2 norms of one leaf, with the overflow rescue of :func:`clipax._rescue._exact_root`:
+  a ``lax.cond`` on the CPU, the three sums and a select on GPU/TPU."""
   axes = tuple(a % x.ndim for a in axes) if x.ndim else ()
 
   def unit_sum(y):

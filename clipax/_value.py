@@ -32,16 +32,11 @@ from jax.typing import ArrayLike
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import Action, _apart_on_cpu, action, invalid_threshold, scale_for
+from clipax._elements import _magnitude, _result_dtype, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import (
-    _blocks,
-    _magnitude,
-    _pick_sum,
-    _result_dtype,
-    _scaled_powers,
-    float_leaves,
-    global_norm,
-)
+from clipax._norms import global_norm
+from clipax._platform import _blocks
+from clipax._rescue import _pick_sum, _scaled_powers
 from clipax._state import clip_state, init_clip_state, named, record, stat_dtype
 
 ValueNonfinite = Nonfinite | Literal["elementwise"]

@@ -94,5 +94,5 @@ def test_experiments_time_patched_clipax_in_the_step(bench_clip, capsys):
   assert all(step["ratios"][f"{k}/adamw"] > 0 for k in variants)
   assert "Experiment: clipax[small_leaf=0]+adamw" in capsys.readouterr().out
   # the patch is undone after tracing
-  assert bench_clip.clipax_norms._SMALL_LEAF == 1 << 16
-  assert bench_clip.clipax_norms._VARIADIC_RESCUE is False
+  assert bench_clip.SETTINGS["_SMALL_LEAF"]._SMALL_LEAF == 1 << 16
+  assert bench_clip.SETTINGS["_VARIADIC_RESCUE"]._VARIADIC_RESCUE is False

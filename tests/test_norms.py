@@ -9,7 +9,7 @@ import pytest
 from _refs import as64, assert_close, leaf_norm64, norm64
 
 import clipax
-from clipax import _norms
+from clipax import _platform, _rescue
 
 ORDS = [1, 2, math.inf]
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
@@ -18,9 +18,9 @@ DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
 def force_platform(monkeypatch, which):
   """Compiles the norms' ``which`` path ("cpu", "accelerator": the TPU's, "gpu") on the CPU."""
   if which == "accelerator":
-    monkeypatch.setattr(_norms, "_by_platform", lambda cpu, accelerator, gpu=None: accelerator())
+    monkeypatch.setattr(_platform, "_by_platform", lambda cpu, accelerator, gpu=None: accelerator())
   elif which == "gpu":
-    monkeypatch.setattr(_norms, "_by_platform",
+    monkeypatch.setattr(_platform, "_by_platform",
                         lambda cpu, accelerator, gpu=None: (gpu or accelerator)())
 
 
@@ -84,7 +84,7 @@ def test_gpu_grouping_of_many_leaves_matches_float64(ord, scale, alone, monkeypa
   force_platform(monkeypatch, "gpu")
   tree = _many_leaves(np.random.default_rng(7), scale)
   if alone:
-    monkeypatch.setattr(_norms, "_maybe_sharded", lambda x: x.ndim >= 2)
+    monkeypatch.setattr(_platform, "_maybe_sharded", lambda x: x.ndim >= 2)
     # large enough to be reduced by rows first
     tree["big"] = jnp.asarray(np.random.default_rng(9).normal(size=(300, 300)) * scale)
   got = jax.jit(lambda t: clipax.global_norm(t, ord=ord))(tree)
@@ -277,7 +277,7 @@ def test_variadic_rescue_experiment_is_exact_and_takes_fewer_reductions(monkeypa
     return text.count(" reduce(")
 
   three = compiled_reductions()
-  monkeypatch.setattr(_norms, "_VARIADIC_RESCUE", True)
+  monkeypatch.setattr(_rescue, "_VARIADIC_RESCUE", True)
   assert compiled_reductions() < three
   # XLA:CPU adds a variadic reduction's elements one after another (not pairwise), hence 5e-5;
   # on a GPU its accuracy is part of what the experiment measures.
