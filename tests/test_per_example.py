@@ -117,7 +117,7 @@ def _cases(draw):
   return tree, mask, max_norm, normalize
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(_cases())
 def test_property_float64_reference_any_tree_batch_and_dtype(case):
   """Small pytrees, batch sizes 1 and 5, float32/bfloat16/float16, random masks, clip or
