@@ -87,8 +87,9 @@ def _where(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def batch_size(tree: Any, what: str, arg: str) -> int:
-  """The common leading-axis size of every leaf of ``tree``; raises naming the leaf."""
+def batch_size(tree: Any, what: str, arg: str, floating: bool = False) -> int:
+  """The common leading-axis size of every leaf of ``tree`` (with ``floating``, every leaf
+  floating or complex); raises naming the leaf."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   if not flat:
     raise ValueError(f"{what}: `{arg}` has no leaves; per-example inputs need a batch axis")
@@ -98,6 +99,10 @@ def batch_size(tree: Any, what: str, arg: str) -> int:
     if shape is None:
       raise TypeError(f"{what}: `{arg}` leaf {_where(path)} is {leaf!r:.60} of type "
                       f"{type(leaf).__name__}, not an array with a leading batch axis")
+    dtype = getattr(leaf, "dtype", None)
+    if floating and not (dtype is not None and jnp.issubdtype(dtype, jnp.inexact)):
+      raise ValueError(f"{what}: `{arg}` leaf {_where(path)} has dtype {dtype}; gradients "
+                       "must be floating or complex")
     if len(shape) == 0:
       raise ValueError(f"{what}: `{arg}` leaf {_where(path)} is a scalar; every leaf needs a "
                        "leading batch axis (as jax.vmap(jax.grad(loss)) gives)")
@@ -274,7 +279,7 @@ def per_example_clip(
   """
   check_args(max_norm, normalize, gamma, reduce)
   _checks.axis_name(axis_name)
-  size = batch_size(grads, "per_example_clip", "grads")
+  size = batch_size(grads, "per_example_clip", "grads", floating=True)
   keep = keep_mask(mask, size, "per_example_clip")
   invalid = invalid_flag(max_norm, bool(normalize), gamma)
   with jax.named_scope("clipax/per_example_clip"):

@@ -229,6 +229,10 @@ def test_bad_inputs_name_the_argument_or_leaf():
     clipax.clip_per_example(1.0, reduce="max")
   with pytest.raises(TypeError, match="`normalize`"):
     clipax.clip_per_example(1.0, normalize="yes")
+  with pytest.raises(ValueError, match=r"\['i'\] has dtype int32"):
+    clipax.per_example_clip({"i": jnp.ones((4, 2), jnp.int32)}, 1.0)
+  with pytest.raises(TypeError, match=r"\['s'\] is 'text'"):
+    clipax.per_example_clip({"s": "text"}, 1.0)
   with pytest.raises(ValueError, match="no leaves"):
     clipax.per_example_clip({}, 1.0)
   with pytest.raises(ValueError, match=r"`microbatch_size`.*got 0"):
