@@ -732,7 +732,10 @@ def adaptive_spiky_lm() -> list[nbformat.NotebookNode]:
           * **`autoclip()`**: AutoClip (Seetharaman et al., 2020) clips to the 10th percentile of
             the recent norms;
           * **`skip_spikes(adamw)`**: a guard that skips the whole step when the norm is more
-            than 6 standard deviations above the recent accepted norms.
+            than 6 standard deviations above the recent accepted norms;
+          * **`clip_update_rms(adamw)`**: update clipping, StableAdamW's rule (Wortsman et al.,
+            2023): each tensor's AdamW update is scaled down when the RMS of `g^2 / v_hat`,
+            read from AdamW's own second moment, is above 1.
 
           The corpus is a seeded Markov source, so the best achievable loss (its entropy rate, the
           *floor*) is known exactly. The experiment is `clipax.experiments.spiky_lm`; each
@@ -850,6 +853,14 @@ def adaptive_spiky_lm() -> list[nbformat.NotebookNode]:
             looks like: it needs `warmup` accepted norms (16 by default) before it can call
             anything a spike, and a bad batch that comes earlier goes through as if unguarded.
             The strip under the plot shows which steps it skipped.
+          * **`clip_update_rms`.** Update clipping acts on what AdamW is about to apply, not on
+            the gradient. It clips the bad step itself (its `g^2` dwarfs the old `v_hat`), but
+            that step's update was already bounded by Adam's normalisation; what follows is not
+            clipped: the bad gradient sits in the first moment and keeps pushing for the next
+            steps, while the inflated second moment makes every later ratio small. In the demo's
+            runs the loss spikes after the bad batches stayed (the table's spike count). The rule
+            targets a different failure: a second moment that is *too small* for a sudden large
+            gradient (the early clipped steps in the strip), the loss spikes of Wortsman et al.
 
           Guards and clippers compose. A guard for the rare catastrophic batch, with an adaptive
           clipper for the ordinary outliers, is one line, and `clipax.metrics` reports both

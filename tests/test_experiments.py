@@ -502,7 +502,13 @@ def test_spike_count_agrees_with_the_plot_and_numpy(demo):
   assert none["spikes"] == len(result["bad_steps"]) > 0
   for (first, _), t in zip(none["spike_excursions"], result["bad_steps"], strict=True):
     assert t < first <= t + c["median_window"]
-  assert all(r["spikes"] == 0 for arm, r in result["results"].items() if arm != "none")
+  # Gradient clippers and guards absorb the bad batches. Update clipping (StableAdamW's rule,
+  # issue 15) does not, as measured: it clips the bad step's update, but the first moment keeps
+  # pushing the bad direction afterwards while the inflated second moment keeps the RMS below 1.
+  update_arm = result["results"]["clip_update_rms"]
+  assert set(result["bad_steps"]) <= set(update_arm["clipped"])
+  assert all(r["spikes"] == 0 for arm, r in result["results"].items()
+             if arm not in ("none", "clip_update_rms"))
   text = spiky_lm.table(result)
   assert f"loss spikes (> {c['spike_factor']:g}x running median)" in text
   assert result["spike_definition"] in text

@@ -17,6 +17,8 @@ STYLES = {
     "zclip": {"color": "tab:green", "ls": "--", "lw": 1.5, "marker": "s"},
     "autoclip": {"color": "tab:red", "ls": "-.", "lw": 1.3, "marker": "^"},
     "skip_spikes": {"color": "tab:purple", "ls": ":", "lw": 2.0, "marker": "D"},
+    "clip_update_rms": {"color": "tab:brown", "ls": (0, (5, 1, 1, 1, 1, 1)), "lw": 1.6,
+                        "marker": "P"},
 }
 """Line style per arm: the clipped arms' curves lie on top of each other, so each has its own
 dash pattern and markers at its own steps (a wide pale line for the one drawn underneath)."""

@@ -6,8 +6,13 @@ tokens whose transition rows are sparse Dirichlet draws, so the best achievable 
 entropy rate, the *floor*) is known exactly. Every ``bad_every`` steps the batch is replaced by a
 bad one (random tokens, loss multiplied by ``bad_scale``): a deterministic gradient spike.
 
-Arms: no clipping, ``clip_by_global_norm(1.0)``, and whichever of ``zclip``, ``autoclip`` and
-``skip_spikes`` this version of clipax provides. Per arm: final loss, loss spikes (see
+Arms: no clipping, ``clip_by_global_norm(1.0)``, and whichever of ``zclip``, ``autoclip``,
+``skip_spikes`` and ``clip_update_rms`` (update clipping: StableAdamW's per-tensor update-RMS
+rule around the same AdamW, reading AdamW's own second moment) this version of clipax provides.
+As measured, update clipping does not absorb these bad batches: it clips the bad step, but the
+first moment carries the bad gradient into the next steps, whose RMS the inflated second moment
+keeps below 1 (the quick and default runs keep every spike of the unclipped arm). Per arm:
+final loss, loss spikes (see
 :func:`excursions`: runs of good-batch losses above ``spike_factor`` times their running median,
 counted once each), divergence, clip and skip rates (from :func:`clipax.metrics`) and the
 :func:`clipax.diagnose` verdict.
@@ -49,7 +54,7 @@ from clipax.experiments._spiky_lm_model import sample as sample
 from clipax.experiments._spiky_lm_plot import STYLES as STYLES
 from clipax.experiments._spiky_lm_plot import plot as plot
 
-ARMS = ("none", "clip_by_global_norm", "zclip", "autoclip", "skip_spikes")
+ARMS = ("none", "clip_by_global_norm", "zclip", "autoclip", "skip_spikes", "clip_update_rms")
 """Every arm; those whose clipax function does not exist in this version are left out."""
 
 
@@ -123,7 +128,8 @@ def available_arms() -> list[str]:
 
 def make_tx(config: Config, arm: str) -> optax.GradientTransformation:
   """AdamW (linear warm-up, constant learning rate) behind the arm's clipper or guard, each with
-  its default settings (``clip_by_global_norm`` at ``config.max_norm``)."""
+  its default settings (``clip_by_global_norm`` at ``config.max_norm``); ``clip_update_rms``
+  wraps the AdamW instead (its ``b2``, ``max_rms`` 1: StableAdamW)."""
   schedule = optax.linear_schedule(0.0, config.lr, config.warmup)
   adamw = optax.adamw(schedule, b2=config.b2, weight_decay=config.weight_decay)
   if arm == "none":
@@ -132,6 +138,8 @@ def make_tx(config: Config, arm: str) -> optax.GradientTransformation:
     return optax.chain(clipax.clip_by_global_norm(config.max_norm), adamw)
   if arm == "skip_spikes":
     return clipax.skip_spikes(adamw)
+  if arm == "clip_update_rms":
+    return clipax.clip_update_rms(adamw, b2=config.b2)
   return optax.chain(getattr(clipax, arm)(), adamw)
 
 
