@@ -33,8 +33,9 @@ from jax.typing import ArrayLike
 from clipax import _checks
 from clipax._checks import Nonfinite
 from clipax._clipping import action, invalid_threshold, scale_for
-from clipax._elements import AxisName, float_leaves
+from clipax._elements import AxisName, Specs, float_leaves
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
+from clipax._sharding import check_specs
 from clipax._state import (
     _value,
     add_count,
@@ -257,7 +258,7 @@ def _zclip_policy(
 
 
 def _global_clipper(kind, state_cls, init_stats, policy, invalid_fn, max_norm, axis_name,
-                    nonfinite, name, leaf_metrics):
+                    nonfinite, name, leaf_metrics, specs=None):
   """A global-norm clipper whose threshold comes from ``policy``."""
   check_leaf_metrics(leaf_metrics)
 
@@ -273,7 +274,8 @@ def _global_clipper(kind, state_cls, init_stats, policy, invalid_fn, max_norm, a
     del params
     with jax.named_scope(f"clipax/{kind}"):
       dt = state.norm.dtype
-      norm, leaves = measure(updates, axis_name=axis_name, leaf_metrics=leaf_metrics, dtype=dt)
+      norm, leaves = measure(updates, axis_name=axis_name, specs=specs, leaf_metrics=leaf_metrics,
+                             dtype=dt)
       norm = norm.astype(dt)
       invalid = _checks.any_of(invalid_fn(), _invalid_cap(max_norm))
       act = action(norm, nonfinite, invalid)
@@ -305,6 +307,7 @@ def zclip(
     mode: ZClipMode = "reciprocal",
     warmup_stats: WarmupStats = "robust",
     axis_name: AxisName = None,
+    specs: Specs = None,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
@@ -348,6 +351,9 @@ def zclip(
       mean and population variance, as the reference does.
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over; the statistics are then identical on every device.
+    specs: inside ``shard_map``, instead of ``axis_name``: the updates' ``PartitionSpec`` s (the
+      ``in_specs`` pytree) or ``"varying"`` (read from the arrays' types); each leaf is summed
+      over exactly the mesh axes it is split over (see :func:`clipax.global_norm`).
     nonfinite: ``"zero"`` (default) or ``"propagate"`` (passed through, still counted and kept
       out of the statistics).
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
@@ -387,6 +393,7 @@ def zclip(
   _checks.choice("warmup_stats", warmup_stats, get_args(WarmupStats))
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name)
   size = static_int("warmup_steps", warmup_steps)
 
   def init_stats(dt):
@@ -414,5 +421,5 @@ def zclip(
 
   return _global_clipper(
       "zclip", ZClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite, name,
-      leaf_metrics,
+      leaf_metrics, specs,
   )

@@ -18,7 +18,8 @@ from clipax._adaptive import (
     static_int,
 )
 from clipax._checks import Nonfinite
-from clipax._elements import AxisName
+from clipax._elements import AxisName, Specs
+from clipax._sharding import check_specs
 from clipax._state import register_state
 
 
@@ -95,6 +96,7 @@ def autoclip(
     history: int = 1000,
     max_norm: ArrayLike | None = None,
     axis_name: AxisName = None,
+    specs: Specs = None,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
@@ -124,6 +126,9 @@ def autoclip(
     max_norm: optional absolute cap on the threshold (>= 0); ``None`` (default) for no cap.
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over.
+    specs: inside ``shard_map``, instead of ``axis_name``: the updates' ``PartitionSpec`` s (the
+      ``in_specs`` pytree) or ``"varying"`` (read from the arrays' types); each leaf is summed
+      over exactly the mesh axes it is split over (see :func:`clipax.global_norm`).
     nonfinite: ``"zero"`` (default) or ``"propagate"``.
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
       else ``autoclip``.
@@ -158,6 +163,7 @@ def autoclip(
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name)
 
   def init_stats(dt):
     return {
@@ -173,7 +179,7 @@ def autoclip(
 
   return _global_clipper(
       "autoclip", AutoClipState, init_stats, policy, invalid, max_norm, axis_name, nonfinite,
-      name, leaf_metrics,
+      name, leaf_metrics, specs,
   )
 
 

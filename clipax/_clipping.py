@@ -19,10 +19,10 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
-from clipax._elements import AxisName, Replicated, by_ord, canonical_ord, float_leaves
+from clipax._elements import AxisName, Replicated, Specs, by_ord, canonical_ord, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
 from clipax._norms import _global, _leafwise
-from clipax._sharding import check_replicated
+from clipax._sharding import check_replicated, check_specs
 from clipax._state import applied_norm, clip_state, init_clip_state, named, record, stat_dtype
 
 
@@ -210,6 +210,7 @@ def clip_by_global_norm(
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
+    specs: Specs = None,
 ) -> optax.GradientTransformation:
   r"""Scales all updates together so that their global norm is at most ``max_norm``.
 
@@ -233,6 +234,10 @@ def clip_by_global_norm(
       whole under tensor parallelism), counted once in the norm: a bool, a pytree prefix of the
       updates with bool leaves, or a function from a leaf's key path to a bool (see
       :func:`clipax.global_norm`).
+    specs: inside ``shard_map``, instead of ``axis_name`` and ``replicated``: the updates'
+      ``PartitionSpec`` s (the ``in_specs`` pytree) or ``"varying"`` (read from the arrays'
+      types); each leaf is summed over exactly the mesh axes it is split over, for any layout
+      (see :func:`clipax.global_norm`).
     nonfinite: ``"zero"`` (default): a NaN/Inf norm gives all-zero updates and is counted in
       ``nonfinite_count``; ``"propagate"``: passed through (as optax and PyTorch do), still
       counted.
@@ -246,7 +251,9 @@ def clip_by_global_norm(
 
   Raises:
     ValueError: for a negative, non-finite or non-numeric ``max_norm``, an unknown ``ord`` or
-      ``nonfinite``, or a ``replicated`` with leaves that are not bools.
+      ``nonfinite``, a ``replicated`` with leaves that are not bools, or ``specs`` together
+      with ``axis_name`` or ``replicated``.
+    TypeError: for ``specs`` holding something other than ``PartitionSpec``.
 
   Examples:
     >>> import jax
@@ -271,6 +278,7 @@ def clip_by_global_norm(
   _checks.nonfinite(nonfinite)
   check_replicated(replicated)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name, replicated)
   ord = canonical_ord(ord)
   check_leaf_metrics(leaf_metrics)
 
@@ -281,7 +289,7 @@ def clip_by_global_norm(
     del params
     with jax.named_scope("clipax/clip_by_global_norm"):
       norm, leaves = measure(updates, ord=ord, axis_name=axis_name, replicated=replicated,
-                             leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
+                             specs=specs, leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
       out, scale, clipped, act = _clip(updates, norm, max_norm, nonfinite, "clip_by_global_norm")
       base = record(state, norm, scale, clipped, act.bad, act.invalid)
       return out, clip_state(base, max_norm, applied_norm(base.norm, base.scale), leaves)

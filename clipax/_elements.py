@@ -24,6 +24,8 @@ ReductionAxes = Callable[[jax.Array], Sequence[int]] | None
 UnitRule = Literal["nfnets", "last_axis"]
 # None (no leaf), a bool, a pytree prefix of bools, or a predicate on the leaf's key path.
 Replicated = Any
+# None, "varying", or a pytree prefix of PartitionSpec (see clipax._sharding.layout).
+Specs = Any
 
 _ORDS = (1, 2, math.inf)
 

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import optax
 
 from clipax import _checks
-from clipax._elements import AxisName
+from clipax._elements import AxisName, Specs
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
+from clipax._sharding import check_specs
 from clipax._state import _value, add_count, named, register_state, stat_dtype
 
 MAD_TO_STD = 1.4826
@@ -169,6 +170,7 @@ def skip_nonfinite(
     *,
     max_consecutive: int | None = None,
     axis_name: AxisName = None,
+    specs: Specs = None,
     name: str | None = None,
     leaf_metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -196,6 +198,9 @@ def skip_nonfinite(
       are let through.
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over, so every device takes the same decision.
+    specs: inside ``shard_map``, instead of ``axis_name``: the updates' ``PartitionSpec`` s (the
+      ``in_specs`` pytree) or ``"varying"`` (read from the arrays' types); each leaf is summed
+      over exactly the mesh axes it is split over (see :func:`clipax.global_norm`).
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
       else ``skip_nonfinite``.
     leaf_metrics: also keep every leaf's norm (``clip/{name}/leaf_norm/<path>``), in the same
@@ -228,6 +233,7 @@ def skip_nonfinite(
   """
   _check_inner_and_max_consecutive(inner, max_consecutive)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name)
   check_leaf_metrics(leaf_metrics)
   inner = optax.with_extra_args_support(inner)
 
@@ -247,8 +253,8 @@ def skip_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope("clipax/skip_nonfinite"):
-      norm, leaves = measure(updates, axis_name=axis_name, leaf_metrics=leaf_metrics,
-                             dtype=state.norm.dtype)
+      norm, leaves = measure(updates, axis_name=axis_name, specs=specs,
+                             leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
       norm = norm.astype(state.norm.dtype)
       invalid = _flag(_invalid_max_consecutive(max_consecutive))
       finite, consecutive, let_through = _nonfinite_rule(state, norm, max_consecutive)

@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clipax._elements import AxisName, Replicated, by_ord, float_leaves
+from clipax._elements import AxisName, Replicated, Specs, by_ord, float_leaves
 from clipax._norms import _global, _leafwise, global_norm
-from clipax._sharding import replicated_mask
+from clipax._sharding import layout
 
 NO_LEAF_NORMS: tuple = ()
 
@@ -52,6 +52,7 @@ def measure(
     ord: Any = 2,
     axis_name: AxisName = None,
     replicated: Replicated = None,
+    specs: Specs = None,
     leaf_metrics: bool = False,
     dtype: jnp.dtype | None = None,
 ) -> tuple[jax.Array, Any]:
@@ -61,9 +62,10 @@ def measure(
   leaf's norm in ``dtype``) or ``()`` without ``leaf_metrics``.
   """
   if not leaf_metrics:
-    return global_norm(updates, ord=ord, axis_name=axis_name, replicated=replicated), ()
+    return global_norm(updates, ord=ord, axis_name=axis_name, replicated=replicated,
+                       specs=specs), ()
   leaves = float_leaves(updates)
-  rep = replicated_mask(updates, replicated)
+  axis_name, rep = layout(updates, axis_name, replicated, specs)
   with jax.named_scope("clipax/global_norm"):
     per_leaf = by_ord(ord, lambda o: _leafwise(leaves, o, axis_name, rep))
     # The global norm combined from the (already all-reduced) leaf norms: exact, and no second

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import optax
 
 from clipax import _checks
-from clipax._elements import AxisName, Replicated, canonical_ord
+from clipax._elements import AxisName, Replicated, Specs, canonical_ord
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
-from clipax._sharding import check_replicated
+from clipax._sharding import check_replicated, check_specs
 from clipax._state import clip_state, init_clip_state, named, record, stat_dtype
 
 
@@ -18,6 +18,7 @@ def monitor(
     ord: int | float | str = 2,
     axis_name: AxisName = None,
     replicated: Replicated = None,
+    specs: Specs = None,
     name: str | None = None,
     leaf_metrics: bool = False,
 ) -> optax.GradientTransformation:
@@ -37,6 +38,8 @@ def monitor(
       norm over (see :func:`clipax.global_norm`).
     replicated: with ``axis_name``, the leaves every shard holds whole (see
       :func:`clipax.global_norm`).
+    specs: inside ``shard_map``, instead of ``axis_name`` and ``replicated``: the updates'
+      ``PartitionSpec`` s or ``"varying"`` (see :func:`clipax.global_norm`).
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
       else ``monitor``.
     leaf_metrics: also keep every leaf's norm (``clip/{name}/leaf_norm/<path>``), in the same
@@ -67,6 +70,7 @@ def monitor(
   ord = canonical_ord(ord)
   _checks.axis_name(axis_name)
   check_replicated(replicated)
+  check_specs(specs, axis_name, replicated)
   check_leaf_metrics(leaf_metrics)
 
   def init_fn(params):
@@ -76,7 +80,7 @@ def monitor(
     del params
     with jax.named_scope("clipax/monitor"):
       norm, leaves = measure(updates, ord=ord, axis_name=axis_name, replicated=replicated,
-                             leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
+                             specs=specs, leaf_metrics=leaf_metrics, dtype=state.norm.dtype)
       bad = ~jnp.isfinite(norm)
       one = jnp.ones([], state.norm.dtype)
       base = record(state, norm, one, jnp.zeros([], jnp.bool_), bad)

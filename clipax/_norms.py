@@ -28,6 +28,7 @@ from clipax import _checks, _platform, _rescue
 from clipax._elements import (
     AxisName,
     Replicated,
+    Specs,
     _magnitude,
     _result_dtype,
     by_ord,
@@ -37,7 +38,14 @@ from clipax._elements import (
 from clipax._grouping import gpu_blocks, gpu_leaf_reduce, gpu_sums
 from clipax._platform import _cpu_sum, _peak
 from clipax._rescue import _exact_root, _variadic_sums
-from clipax._sharding import _count_once, _pmax, _psum, _sum_shards, _total, replicated_mask
+from clipax._sharding import (
+    _count_once,
+    _pmax,
+    _psum,
+    _sum_shards,
+    _total,
+    layout,
+)
 
 
 def _global_value(
@@ -124,8 +132,15 @@ def _global(
   """The global norm, with an overflow-safe derivative (ord 1 and 2)."""
   if ord == math.inf or not leaves:
     return _global_value(leaves, ord, axis_name, replicated)
-  rep = None if replicated is None else tuple(bool(r) for r in replicated)
+  rep = _hashable_mask(replicated)
   return _global_smooth(ord, _hashable(axis_name), rep, tuple(leaves))
+
+
+def _hashable_mask(replicated: Sequence | None) -> tuple | None:
+  """The replicated mask as a custom_jvp static argument: bools, or tuples of axes (specs)."""
+  if replicated is None:
+    return None
+  return tuple(r if isinstance(r, tuple) else bool(r) for r in replicated)
 
 
 def _hashable(axis_name: AxisName) -> AxisName:
@@ -138,6 +153,7 @@ def global_norm(
     ord: int | float | str = 2,
     axis_name: AxisName = None,
     replicated: Replicated = None,
+    specs: Specs = None,
 ) -> jax.Array:
   r"""The norm of all the leaves of a pytree taken together, accumulated in float32.
 
@@ -165,13 +181,21 @@ def global_norm(
       leaf), a bool, a pytree prefix of ``tree`` with bool leaves (``{"w": False, "b": True}``)
       or a function from a leaf's key path to a bool. Ignored when ``axis_name`` is ``None``.
       Replicated means replicated over every axis in ``axis_name``; still one scalar psum.
+    specs: inside ``shard_map``, instead of ``axis_name`` and ``replicated``: the gradients'
+      ``PartitionSpec`` s (a pytree prefix of ``tree``, as given to ``in_specs``), or
+      ``"varying"`` to read each leaf's varying mesh axes from its type (``jax.typeof``). Each
+      leaf is summed over exactly the mesh axes it is split over and counted once along the
+      others, for any layout (data x model, expert-parallel, FSDP); one all-reduce, over every
+      axis some leaf is split over.
 
   Returns:
     A float32 scalar (float64 if a leaf is float64), the same on every shard.
 
   Raises:
-    ValueError: for an unknown ``ord``, an integer/boolean leaf (the message names its path) or
-      a ``replicated`` that is not a prefix of ``tree`` with bool leaves.
+    ValueError: for an unknown ``ord``, an integer/boolean leaf (the message names its path), a
+      ``replicated`` that is not a prefix of ``tree`` with bool leaves, ``specs`` given with
+      ``axis_name`` or ``replicated``, or a spec longer than its leaf's rank.
+    TypeError: for ``specs`` holding something other than ``PartitionSpec``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -198,7 +222,7 @@ def global_norm(
   ord = canonical_ord(ord)
   _checks.axis_name(axis_name)
   leaves = float_leaves(tree)
-  rep = replicated_mask(tree, replicated)
+  axis_name, rep = layout(tree, axis_name, replicated, specs)
   with jax.named_scope("clipax/global_norm"):
     return by_ord(ord, lambda o: _global(leaves, o, axis_name, rep))
 
@@ -285,7 +309,7 @@ def _leafwise(
   """One norm per leaf (one collective for all), with an overflow-safe derivative."""
   if ord == math.inf or not leaves:
     return _leafwise_value(leaves, ord, axis_name, replicated)
-  rep = None if replicated is None else tuple(bool(r) for r in replicated)
+  rep = _hashable_mask(replicated)
   return list(_leafwise_smooth(ord, _hashable(axis_name), rep, tuple(leaves)))
 
 
@@ -295,6 +319,7 @@ def leaf_norms(
     ord: int | float | str = 2,
     axis_name: AxisName = None,
     replicated: Replicated = None,
+    specs: Specs = None,
 ) -> Any:
   """The norm of each leaf on its own, accumulated in float32 like :func:`global_norm`.
 
@@ -305,6 +330,8 @@ def leaf_norms(
       in one vector all-reduce.
     replicated: with ``axis_name``, the leaves that are the same on every shard (counted once),
       as in :func:`global_norm`.
+    specs: inside ``shard_map``, the gradients' ``PartitionSpec`` s or ``"varying"``, instead of
+      ``axis_name`` and ``replicated`` (see :func:`global_norm`); one vector all-reduce.
 
   Returns:
     A pytree of the same structure as ``tree`` with a float32 scalar per leaf.
@@ -324,5 +351,5 @@ def leaf_norms(
   treedef: Any = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
     leaves = float_leaves(tree, "leaf_norms")
-    rep = replicated_mask(tree, replicated, "leaf_norms")
-    return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axis_name, rep)))
+    axes, rep = layout(tree, axis_name, replicated, specs, "leaf_norms")
+    return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axes, rep)))

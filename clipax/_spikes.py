@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._adaptive import _known_size, static_int
-from clipax._elements import AxisName
+from clipax._elements import AxisName, Specs
 from clipax._guards import (
     DEFAULT_WARMUP,
     _check_inner_and_max_consecutive,
@@ -30,6 +30,7 @@ from clipax._guards import (
     robust_band,
 )
 from clipax._measure import check_leaf_metrics, init_leaf_norms, measure
+from clipax._sharding import check_specs
 from clipax._state import add_count, named, register_state, stat_dtype
 
 Watch = Literal["norm", "loss", "both"]
@@ -114,6 +115,7 @@ def skip_spikes(
     warmup: int | None = None,
     max_consecutive: int | None = None,
     axis_name: AxisName = None,
+    specs: Specs = None,
     on: Watch = "norm",
     loss_threshold: ArrayLike | None = None,
     name: str | None = None,
@@ -174,6 +176,9 @@ def skip_spikes(
     max_consecutive: as in :func:`skip_nonfinite` (``None``: always skip non-finite steps).
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       norm over.
+    specs: inside ``shard_map``, instead of ``axis_name``: the updates' ``PartitionSpec`` s (the
+      ``in_specs`` pytree) or ``"varying"`` (read from the arrays' types); each leaf is summed
+      over exactly the mesh axes it is split over (see :func:`clipax.global_norm`).
     on: what is watched for spikes: ``"norm"`` (default), ``"loss"`` or ``"both"``.
     loss_threshold: ``k`` > 0 for the loss band; ``None`` (default): ``threshold``.
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
@@ -228,6 +233,7 @@ def skip_spikes(
   """
   _check_inner_and_max_consecutive(inner, max_consecutive)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name)
   size_known = static_int("window", window, low=2)
   _checks.number("threshold", threshold, low=0.0, low_open=True)
   if loss_threshold is not None:
@@ -273,8 +279,8 @@ def skip_spikes(
       dtype = state.history.dtype
       size = state.history.shape[0]  # `window`, also when inject_hyperparams traced it
       loss = _loss(extra_args, dtype) if watch_loss else None
-      norm, leaves = measure(updates, axis_name=axis_name, leaf_metrics=leaf_metrics,
-                             dtype=dtype)
+      norm, leaves = measure(updates, axis_name=axis_name, specs=specs,
+                             leaf_metrics=leaf_metrics, dtype=dtype)
       norm = norm.astype(dtype)
       invalid = _flag(_checks.any_of(
           _checks.invalid(threshold, low=0.0, low_open=True),
