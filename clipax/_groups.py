@@ -29,6 +29,7 @@ from clipax._checks import Nonfinite
 from clipax._clipping import action, clip_by_global_norm, invalid_threshold, scale_for
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms
 from clipax._norms import global_norm, leaf_norms
+from clipax._sharding import check_replicated
 from clipax._state import (
     applied_norm,
     clip_state_metrics,
@@ -106,7 +107,7 @@ def _check_set(value: LabelSet, what: str) -> frozenset[str] | None:
   if value is None:
     return None
   items = [value] if isinstance(value, str) else value
-  if isinstance(items, Mapping) or not isinstance(items, Collection):
+  if isinstance(items, (Mapping, bytes)) or not isinstance(items, Collection):
     raise TypeError(f"`{what}` must be None, a label or a collection of labels, got {value!r}")
   out = frozenset(_check_label(x, f"a label in `{what}`") for x in items)
   if not out:
@@ -201,10 +202,10 @@ def clip_by_group_norm(
   Raises:
     TypeError: for a label that is not a non-empty str without ``/`` (naming its path), a bad
       ``max_norm`` key.
-    ValueError: for a negative or NaN threshold, an unknown ``ord`` or ``nonfinite``; at
-      construction for a label tree (at ``init``/``update`` for a label function's tree): labels
-      that are not a prefix of the updates, a label missing from a ``max_norm`` dict or a key of
-      it that no leaf has.
+    ValueError: for a negative or NaN threshold, an unknown ``ord`` or ``nonfinite``, a
+      ``replicated`` with leaves that are not bools; at construction for a label tree (at
+      ``init``/``update`` for a label function's tree): labels that are not a prefix of the
+      updates, a label missing from a ``max_norm`` dict or a key of it that no leaf has.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -228,6 +229,7 @@ def clip_by_group_norm(
   _check_labels_arg(labels)
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_replicated(replicated)
   ord = _check_ord(ord)
   check_leaf_metrics(leaf_metrics)
   if not callable(labels):
@@ -357,9 +359,10 @@ def clip_by_subset_norm(
     TypeError: for a label that is not a non-empty str without ``/`` (naming its path) or a bad
       ``measure``/``apply``/``name``.
     ValueError: for a negative, NaN or non-numeric ``max_norm``, an unknown ``ord`` or
-      ``nonfinite``; and (at construction for a label tree, at ``init``/``update`` for a label
-      function) for labels that are not a prefix of the updates or a ``measure``/``apply``
-      label that no leaf has; at ``update`` if the updates' label set differs from ``init``'s.
+      ``nonfinite``, a ``replicated`` with leaves that are not bools; and (at construction for
+      a label tree, at ``init``/``update`` for a label function) for labels that are not a
+      prefix of the updates or a ``measure``/``apply`` label that no leaf has; at ``update`` if
+      the updates' label set differs from ``init``'s.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -388,6 +391,7 @@ def clip_by_subset_norm(
   applied_arg = _check_set(apply, "apply")
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_replicated(replicated)
   ord = _check_ord(ord)
   check_leaf_metrics(leaf_metrics)
 

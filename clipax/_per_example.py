@@ -122,12 +122,18 @@ def keep_mask(mask: Any, size: int, what: str) -> jax.Array:
     return jnp.ones([size], jnp.bool_)
   shape = tuple(getattr(mask, "shape", np.shape(mask)))
   if shape != (size,):
+    shown = f" ({mask!r:.60})" if not hasattr(mask, "shape") else ""
     raise ValueError(f"{what}: `mask` must have shape ({size},) (one entry per example), got "
-                     f"shape {shape}")
+                     f"shape {shape}{shown}")
   dtype = getattr(mask, "dtype", None)
   dtype = np.asarray(mask).dtype if dtype is None else dtype
   if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.number)):
     raise TypeError(f"{what}: `mask` must be bool or 0/1 numbers, got dtype {dtype}")
+  if dtype != jnp.bool_ and not _checks.is_traced(mask):
+    values = np.asarray(mask)
+    if not np.isin(values, (0, 1)).all():
+      raise ValueError(f"{what}: `mask` must hold only 0 and 1 (or bools), got "
+                       f"{values.tolist()!r:.60}")
   m = jnp.asarray(mask)
   return m if m.dtype == jnp.bool_ else m != 0
 
@@ -257,7 +263,8 @@ def per_example_clip(
 
   Raises:
     ValueError: for a leaf without a batch axis or with another batch size (naming its path), a
-      ``mask`` of the wrong shape, ``max_norm <= 0``, ``gamma <= 0`` or an unknown ``reduce``.
+      ``mask`` of the wrong shape or (when concrete) holding numbers other than 0 and 1,
+      ``max_norm <= 0``, ``gamma <= 0`` or an unknown ``reduce``.
     TypeError: for a non-array leaf, a non-bool ``normalize`` or a non-numeric ``mask``.
 
   Examples:
@@ -284,8 +291,7 @@ def per_example_clip(
   invalid = invalid_flag(max_norm, bool(normalize), gamma)
   with jax.named_scope("clipax/per_example_clip"):
     sums = local_sums(grads, max_norm, keep, bool(normalize), gamma)
-    like = jax.tree_util.tree_map(lambda x: x[0], grads)
-    return finish(sums, like, reduce, axis_name, invalid)
+    return finish(sums, grads, reduce, axis_name, invalid)  # (only the leaves' dtypes are read)
 
 
 def _extreme(op, start: float) -> Any:
@@ -345,7 +351,8 @@ def per_example_clipped_grad(
   Raises:
     ValueError: as :func:`per_example_clip`; for a ``microbatch_size`` < 1 or, when ``fn`` is
       called, one that does not divide the batch size.
-    TypeError: for a ``loss_fn`` that is not callable, or ``fn`` called without a batch.
+    TypeError: for a ``loss_fn`` that is not callable, or ``fn`` called without a batch; when
+      ``fn`` is called, for a ``loss_fn`` whose value is not a real floating scalar.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -365,10 +372,21 @@ def per_example_clipped_grad(
     _checks.number("microbatch_size", microbatch_size, low=1, integer=True, allow_array=False)
   norm_flag = bool(normalize)
 
+  def one_loss(params, *example):
+    loss = loss_fn(params, *example)
+    dtype = getattr(loss, "dtype", None)
+    if (jnp.ndim(loss) if hasattr(loss, "shape") else -1) != 0 or dtype is None or not (
+        jnp.issubdtype(dtype, jnp.floating)):
+      shown = (f"shape {tuple(loss.shape)}, dtype {dtype}" if hasattr(loss, "shape")
+               else f"{loss!r:.60} of type {type(loss).__name__}")
+      raise TypeError(f"per_example_clipped_grad: `loss_fn` must return one example's loss, a "
+                      f"real floating scalar array, got {shown}")
+    return loss
+
   def clipped(params, *args):
     *batch, keep = args
     in_axes = (None,) + (0,) * len(batch)
-    losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=in_axes)(params, *batch)
+    losses, grads = jax.vmap(jax.value_and_grad(one_loss), in_axes=in_axes)(params, *batch)
     sums = local_sums(grads, max_norm, keep, norm_flag, gamma)
     losses = jnp.asarray(losses).astype(_acc(jnp.asarray(losses).dtype))
     return sums._replace(loss_sum=jnp.sum(jnp.where(keep, losses, jnp.zeros_like(losses))))

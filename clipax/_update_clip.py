@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -123,6 +124,16 @@ def _check_float(tree: Any, what: str, fn: str) -> None:
                       "real floating arrays only")
 
 
+def _check_numeric(tree: Any, what: str, fn: str) -> None:
+  """Every leaf a number or a numeric array (the inner optimizer's ``init`` needs one)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    number = isinstance(leaf, (int, float, complex)) and dtype is None
+    if not number and (dtype is None or np.dtype(dtype).kind not in "biufcV"):
+      raise TypeError(f"{fn}: {what} leaf {_path(path)} is {leaf!r:.60} of type "
+                      f"{type(leaf).__name__}; numeric arrays only")
+
+
 def _flat(tree: Any, treedef: Any, what: str, fn: str) -> list:
   """``tree`` flattened up to the gradients' structure, or a ValueError naming both."""
   try:
@@ -147,6 +158,7 @@ def _wrap(kind: str, fn: str, inner: Any, rule: Rule, invalid: Callable[[], Any]
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _check_numeric(params, "parameter", fn)
     inner_state = inner.init(params)
     check_init(inner_state)
     zero, dt = jnp.zeros([], jnp.int32), stat_dtype()
@@ -294,7 +306,8 @@ def clip_update_rms(
 
   Raises:
     TypeError: if ``inner`` is not an optax transformation, at ``init`` if its state holds no
-      (or more than one) ``optax.ScaleByAdamState``, for a non-floating gradient leaf.
+      (or more than one) ``optax.ScaleByAdamState`` or for a non-numeric parameter leaf, for a
+      non-floating gradient leaf.
     ValueError: for an out-of-range number; at ``update`` when the second moment does not have
       the gradients' structure.
 
@@ -450,7 +463,8 @@ def clippy(
     :math:`\max_i |u_i| / (\lambda_{rel}|w_i| + \lambda_{abs})` (``max_ratio`` 1).
 
   Raises:
-    TypeError: if ``inner`` is not an optax transformation, for a non-floating leaf.
+    TypeError: if ``inner`` is not an optax transformation, for a non-floating leaf (at
+      ``init``: a non-numeric parameter leaf).
     ValueError: for an out-of-range number; at ``update`` without ``params`` or with params
       whose structure or shapes differ from the gradients'.
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import clipax
 
@@ -65,7 +66,8 @@ SGD = optax.sgd(0.1)
 
 # Public names that are state or result containers (built by ``init``/``diagnose``), not
 # functions taking user input.
-CONTAINERS = {"AdaGCState", "AutoClipState", "ClipState", "SkipState", "SpamState", "Verdict",
+CONTAINERS = {"AdaGCState", "AutoClipState", "ClipState", "GroupClipState", "PerExampleInfo",
+              "PerExampleState", "SkipState", "SpamState", "UpdateClipState", "Verdict",
               "ZClipState"}
 
 
@@ -269,6 +271,48 @@ UNITWISE_AXES = Values(valid=_VALID_AXES_FNS, bad=(3, (0,), "0", *_BAD_AXES_FNS)
 PREFIX = Values(valid=("clip", "train/clip"), bad=(1, None, b"clip", 1.5, ["clip"], True))
 METRICS_PREFIX = Values(valid=PREFIX.valid, bad=(*PREFIX.bad, ""))  # "a non-empty string"
 SCHEDULE = optax.constant_schedule(0.1)
+# Outside shard_map only axis-free specs can be valid (a named mesh axis is unbound there, as for
+# AXIS_NAME_OUTSIDE_SHARD_MAP); "varying" reads no axis from an unsharded array.
+SPECS_BAD = ("auto", "VARYING", 1, P, ("i",), {"w": ("i",)}, {"w": "i", "b": P()},
+             {"w": P(), "b": 1})
+SPECS_VALID = (None, "varying", P(), {"w": P(), "b": P()}, {"w": P(None), "b": P(None)})
+SPECS_LATE = ({"w": P()}, {"w": P(None, None, None), "b": P()}, [P(), P()])
+SPECS = Values(valid=SPECS_VALID, bad=(*SPECS_BAD, *(AtUpdate(s) for s in SPECS_LATE)))
+SPECS_NOW = Values(valid=SPECS_VALID, bad=(*SPECS_BAD, *SPECS_LATE))
+# Label trees (optax.partition's param_labels): the base "g" labels every leaf of any tree.
+LABEL_FN = _named(lambda p: jax.tree_util.tree_map(lambda x: "m" if np.ndim(x) == 2 else "v", p),
+                  "label_fn")
+LABELS = Values(
+    valid=("g", {"w": "m", "b": "v"}, LABEL_FN),
+    bad=(None, {}, 1, "", "a/b", True, b"g", object(), {"w": "m", "b": 1}, {"w": "m", "b": ""},
+         {"w": "m"}, ["m", "v"], {"w": "m", "b": "v", "c": "v"},
+         _named(lambda p: 1, "labels_fn_int"), _named(lambda p: {"w": "m"}, "labels_fn_partial")),
+)
+LABEL_SET = Values(valid=(None, "g", ["g"], ("g",), {"g"}, frozenset({"g"})),
+                   bad=("", "h", ["h"], "a/b", 1, 1.5, True, [1], [], {"g": 1}, b"g"))
+ADAM_INNER = Values(
+    valid=(optax.adam(1e-3), optax.adamw(1e-3), optax.nadam(1e-3), optax.lamb(1e-3),
+           optax.chain(optax.clip(1.0), optax.adam(1e-3)),
+           optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)),
+    bad=(*INNER.bad, SGD, optax.identity(), optax.chain(optax.adam(1e-3), optax.adam(1e-3))),
+)
+BOOL = Values(valid=(False, True, np.bool_(True)), bad=(1, 0, "yes", None, 1.0, [True]))
+# Per-example gradients: every leaf with a leading batch axis of 4.
+PER_EXAMPLE = {"w": ones((4, 2, 3)), "b": ones((4, 3))}
+MASK = Values(
+    valid=(None, jnp.asarray(np.array([True, True, False, True])), np.array([1, 0, 1, 1]),
+           [1, 1, 0, 1], jnp.asarray(np.ones(4, np.float32))),
+    bad=(ones(3), ones((4, 1)), ones((1, 4)), True, 1, "abcd", np.array(list("abcd")),
+         np.array([1, 0, None, 1], dtype=object), jnp.asarray(np.array([1, 2, 0, 1])),
+         np.array([0.5, 1.0, 1.0, 1.0]), np.array([NAN, 1.0, 1.0, 1.0]), [1, 0, 1]),
+)
+
+
+def _loss(w, x):
+  return jnp.sum((w["w"] - x) ** 2)
+
+
+LOSS = _named(_loss, "loss")
 
 NAME = Values(valid=(None, "clip", "layer_0.w"),
               bad=("", "a/b", "/", 1, b"clip", ["clip"], True, 1.5))
@@ -300,7 +344,7 @@ class Target:
 TARGETS = [
     Target("clip_by_global_norm", {"max_norm": 1.0},
            {"max_norm": THRESHOLD, "ord": ORD, "axis_name": AXIS_NAME,
-            "replicated": REPLICATED, "nonfinite": NONFINITE, **NAMING}),
+            "replicated": REPLICATED, "specs": SPECS, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_value", {"max_value": 1.0},
            {"max_value": THRESHOLD, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_leaf_norm", {"max_norm": 1.0},
@@ -317,13 +361,13 @@ TARGETS = [
             "max_norm": OPTIONAL_THRESHOLD,
             "mode": Choice(("reciprocal", "mean", "zscore")),
             "warmup_stats": Choice(("robust", "mean")),
-            "axis_name": AXIS_NAME, "nonfinite": NONFINITE,
+            "axis_name": AXIS_NAME, "specs": SPECS, "nonfinite": NONFINITE,
             **NAMING}),
     Target("autoclip", {"percentile": 10.0, "history": 4},
            {"percentile": Num(10.0, high=100.0, high_open=False),
             "history": Num(4, low=1, integer=True, static=True, length_only=True),
-            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE,
-            **NAMING}),
+            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "specs": SPECS,
+            "nonfinite": NONFINITE, **NAMING}),
     Target("adagc", {"warmup_steps": 3},
            {"ratio": Num(1.04, low_open=True), "beta": Num(0.99, high=1.0),
             "warmup_steps": Num(3, low=1, integer=True), "warmup_max_norm": THRESHOLD,
@@ -331,7 +375,7 @@ TARGETS = [
             **NAMING}),
     Target("skip_nonfinite", {"inner": SGD},
            {"inner": INNER, "max_consecutive": Num(2, integer=True, optional=True),
-            "axis_name": AXIS_NAME, **NAMING}),
+            "axis_name": AXIS_NAME, "specs": SPECS, **NAMING}),
     Target("skip_spikes", {"inner": SGD},
            {"inner": INNER,
             "window": Num(8, low=2, integer=True, static=True, length_only=True),
@@ -340,8 +384,32 @@ TARGETS = [
             "warmup": Num(4, low=2, high=128, high_open=False, integer=True, optional=True,
                           static=True),
             "max_consecutive": Num(2, integer=True, optional=True), "axis_name": AXIS_NAME,
-            "on": Choice(("norm",)), "loss_threshold": Num(6.0, low_open=True, optional=True),
-            **NAMING}),
+            "specs": SPECS, "on": Choice(("norm",)),
+            "loss_threshold": Num(6.0, low_open=True, optional=True), **NAMING}),
+    Target("clip_by_group_norm", {"labels": "g", "max_norm": 1.0},
+           {"labels": LABELS,
+            "max_norm": dataclasses.replace(
+                OPTIONAL_THRESHOLD, valid=(*THRESHOLD.valid, {"g": 1.0}, {"g": None})),
+            "ord": ORD, "axis_name": AXIS_NAME, "replicated": REPLICATED,
+            "nonfinite": NONFINITE, "leaf_metrics": LEAF_METRICS}),
+    Target("clip_by_subset_norm", {"labels": "g", "max_norm": 1.0},
+           {"labels": LABELS, "max_norm": THRESHOLD, "measure": LABEL_SET, "apply": LABEL_SET,
+            "ord": ORD, "axis_name": AXIS_NAME, "replicated": REPLICATED,
+            "nonfinite": NONFINITE, **NAMING}),
+    Target("clip_update_rms", {"inner": optax.adam(1e-3)},
+           {"inner": ADAM_INNER, "b2": Num(0.999, high=1.0), "eps": Num(1e-8, low_open=True),
+            "max_rms": Num(1.0, low_open=True, allow_inf=True), "name": NAME}),
+    Target("stable_adamw", {"learning_rate": 1e-3},
+           {"learning_rate": Num(1e-3, valid=(SCHEDULE, _named(lambda c: 0.1, "lr_fn"))),
+            "b1": Num(0.9, high=1.0), "b2": Num(0.999, high=1.0),
+            "eps": Num(1e-8, low_open=True), "weight_decay": Num(1e-4),
+            "max_rms": Num(1.0, low_open=True, allow_inf=True), "name": NAME}),
+    Target("clippy", {"inner": SGD},
+           {"inner": INNER, "relative": Num(0.5), "absolute": Num(1e-2), "name": NAME}),
+    Target("clip_per_example", {"max_norm": 1.0},
+           {"max_norm": Num(1.0, low_open=True, allow_inf=True), "normalize": BOOL,
+            "gamma": Num(0.01, low_open=True), "reduce": Choice(("sum", "mean")),
+            "axis_name": AXIS_NAME, "name": NAME}),
     Target("spam", {"learning_rate": 0.1},
            {"learning_rate": Num(0.1, valid=(SCHEDULE, _named(lambda c: 0.1, "lr_fn"))),
             "b1": Num(0.9, high=1.0), "b2": Num(0.999, high=1.0),
@@ -349,15 +417,18 @@ TARGETS = [
             "reset_interval": Num(500, low=1, integer=True),
             "warmup_steps": Num(150, integer=True), "weight_decay": Num(0.01), "name": NAME}),
     Target("monitor", {},
-           {"ord": ORD, "axis_name": AXIS_NAME, "replicated": REPLICATED, **NAMING}),
+           {"ord": ORD, "axis_name": AXIS_NAME, "replicated": REPLICATED, "specs": SPECS,
+            **NAMING}),
     Target("clip_with_norm", {"tree": GRADS, "norm": 2.0, "max_norm": 1.0},
            {"max_norm": THRESHOLD, "nonfinite": NONFINITE},
            transform=False, batteries=("tree", "norm")),
     Target("global_norm", {"tree": GRADS},
-           {"ord": ORD, "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP, "replicated": REPLICATED_NOW},
+           {"ord": ORD, "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP, "replicated": REPLICATED_NOW,
+            "specs": SPECS_NOW},
            transform=False, batteries=("tree",)),
     Target("leaf_norms", {"tree": GRADS},
-           {"ord": ORD, "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP, "replicated": REPLICATED_NOW},
+           {"ord": ORD, "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP, "replicated": REPLICATED_NOW,
+            "specs": SPECS_NOW},
            transform=False, batteries=("tree",)),
     Target("unitwise_norms", {"tree": GRADS}, {"axes": UNITWISE_AXES, "units": UNITS},
            transform=False, batteries=("tree",)),
@@ -375,9 +446,21 @@ TARGETS = [
            {"percentile": Num(95.0, low_open=True, high=100.0, high_open=False, arrays=False),
             "margin": Num(1.2, low=1.0, arrays=False),
             "window": Num(1000, low=1, integer=True, optional=True, arrays=False),
-            "ignore_nonfinite": Values(valid=(True, False, np.bool_(True)),
-                                       bad=(1, 0, "yes", None, 1.0, [True]))},
+            "ignore_nonfinite": BOOL},
            transform=False, batteries=("norms",)),
+    Target("per_example_clip", {"grads": PER_EXAMPLE, "max_norm": 1.0},
+           {"max_norm": Num(1.0, low_open=True, allow_inf=True), "mask": MASK,
+            "normalize": BOOL, "gamma": Num(0.01, low_open=True),
+            "reduce": Choice(("sum", "mean")), "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP},
+           transform=False, batteries=("grads",)),
+    Target("per_example_clipped_grad", {"loss_fn": LOSS, "max_norm": 1.0},
+           {"loss_fn": Values(valid=(LOSS, jax.jit(_loss)), bad=(None, 1, "loss", object(),
+                                                                  [LOSS], (LOSS,))),
+            "max_norm": Num(1.0, low_open=True, allow_inf=True),
+            "microbatch_size": Num(2, low=1, integer=True, optional=True, arrays=False),
+            "normalize": BOOL, "gamma": Num(0.01, low_open=True),
+            "reduce": Choice(("sum", "mean")), "axis_name": AXIS_NAME},
+           transform=False, batteries=("loss_fn",)),
 ]
 BY_NAME = {t.name: t for t in TARGETS}
 TRANSFORMS = [t for t in TARGETS if t.transform]
@@ -420,8 +503,9 @@ def call(fn: Callable, *args, abstract: bool = False, **kwargs) -> Any:
   over its tree (the first positional argument, or ``tree=``) when that holds numbers only."""
   if abstract and args and _numeric(args[0]):
     return jax.eval_shape(lambda t: fn(t, *args[1:], **kwargs), args[0])
-  if abstract and "tree" in kwargs and _numeric(kwargs["tree"]):
-    return jax.eval_shape(lambda t: fn(**{**kwargs, "tree": t}), kwargs["tree"])
+  for key in ("tree", "grads"):
+    if abstract and key in kwargs and _numeric(kwargs[key]):
+      return jax.eval_shape(lambda t, k=key: fn(**{**kwargs, k: t}), kwargs[key])
   return fn(*args, **kwargs)
 
 
@@ -582,13 +666,18 @@ def _arg_cases() -> list[Case]:
   cases = []
   for target in TARGETS:
     for arg, spec in target.args.items():
+      seen: dict[str, int] = {}
       for item in spec.bad_values():
         late = isinstance(item, AtUpdate)
         value = item.value if late else item
         kwargs = {**target.base, arg: value}
         expect = (f"`{arg}`", *value_words(value))
+        label = short(item)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:  # e.g. two transformations, two float arrays of one shape
+          label = f"{label}#{seen[label]}"
         cases.append(Case(
-            id=f"{target.name}-{arg}={short(item)}",
+            id=f"{target.name}-{arg}={label}",
             call=call_text(target, arg, value),
             run=lambda t=target, kw=kwargs: attempt(t, kw),
             expect=expect,
@@ -782,6 +871,89 @@ def _norm_cases() -> list[Case]:
   ]
 
 
+PER_EXAMPLE_BAD = [
+    # (label, per-example grads, words the error must hold)
+    *((label, {"ok": ones(2), "bad": leaf}, ("`grads`", "['bad']"))
+      for label, leaf in BAD_LEAVES.items()),
+    ("empty", {}, ("`grads`",)),
+    ("none", None, ("`grads`",)),
+    ("scalar_leaf", {"ok": ones(2), "bad": jnp.asarray(1.0)}, ("`grads`", "['bad']")),
+    ("python_float", {"ok": ones(2), "bad": 1.5}, ("`grads`", "['bad']")),
+    ("batch_sizes", {"ok": ones(2), "bad": ones((3, 2))}, ("`grads`", "['bad']", "['ok']")),
+]
+PER_EXAMPLE_VALID = {
+    "one_leaf": {"w": ones((4, 3))},
+    "none_leaf": {"w": ones((4, 3)), "n": None},
+    "bfloat16": {"w": ones((4, 3), jnp.bfloat16), "b": ones(4)},
+    "complex": {"w": ones((2, 3), jnp.complex64)},
+    "empty_batch": {"w": ones((0, 3))},
+}
+
+
+def _loss_vector(w, x):
+  return (w["w"] - x) ** 2
+
+
+def _loss_int(w, x):
+  return jnp.sum(w["w"] - x).astype(jnp.int32)
+
+
+def _loss_aux(w, x):
+  return _loss(w, x), {"aux": x}
+
+
+_P1 = {"w": ones(3)}
+_XS = ones((4, 3))
+GRAD_FN_BAD = [
+    # (label, loss_fn, microbatch_size, batch, mask, words the error must hold)
+    ("loss_vector", _loss_vector, None, (_XS,), None, ("`loss_fn`", "shape (3,)")),
+    ("loss_vector_microbatched", _loss_vector, 2, (_XS,), None, ("`loss_fn`",)),
+    ("loss_int", _loss_int, None, (_XS,), None, ("`loss_fn`", "int32")),
+    ("loss_aux", _loss_aux, None, (_XS,), None, ("`loss_fn`", "tuple")),
+    ("no_batch", _loss, None, (), None, ("batch",)),
+    ("batch_scalar", _loss, None, (jnp.asarray(1.0),), None, ("`batch`", "[0]")),
+    ("batch_str", _loss, None, ("abc",), None, ("`batch`", "[0]")),
+    ("batch_sizes", _loss, None, (_XS, ones(3)), None, ("`batch`", "[1]")),
+    ("mask_shape", _loss, None, (_XS,), ones(3), ("`mask`", "(4,)")),
+    ("mask_values", _loss, None, (_XS,), np.array([2, 0, 1, 1]), ("`mask`",)),
+    ("mask_str", _loss, None, (_XS,), np.array(list("abcd")), ("`mask`",)),
+    ("microbatch_size", _loss, 3, (_XS,), None, ("`microbatch_size`", "(3)", "(4)")),
+]
+
+
+def _run_grad_fn(loss_fn: Callable, microbatch_size: Any, batch: tuple, mask: Any) -> Outcome:
+  stage = "build"
+  try:
+    fn = clipax.per_example_clipped_grad(loss_fn, 1.0, microbatch_size=microbatch_size)
+    stage = "call"
+    if _numeric(batch):
+      jax.eval_shape(lambda p, *b: fn(p, *b, mask=mask), _P1, *batch)
+    else:
+      fn(_P1, *batch, mask=mask)
+  except Exception as err:  # noqa: BLE001
+    return stage, err, ""
+  return None, None, ""
+
+
+def _per_example_cases() -> list[Case]:
+  cases = [
+      Case(id=f"per_example_clip-grads={label}", call=f"clipax.per_example_clip({short(g)}, 1.0)",
+           run=lambda g=g: _run_fn(lambda t: clipax.per_example_clip(t, 1.0), g, abstract=True),
+           expect=expect)
+      for label, g, expect in PER_EXAMPLE_BAD
+  ]
+  for label, loss_fn, size, batch, mask, expect in GRAD_FN_BAD:
+    cases.append(Case(
+        id=f"per_example_clipped_grad-fn-{label}",
+        call=f"clipax.per_example_clipped_grad({short(loss_fn)}, 1.0, microbatch_size={size})"
+             f"(params, {', '.join(map(short, batch))}, mask={short(mask)})",
+        run=lambda f=loss_fn, n=size, b=batch, m=mask: _run_grad_fn(f, n, b, m),
+        expect=expect,
+        allowed="call",
+    ))
+  return cases
+
+
 _HISTORY = [dict(METRICS, **{"clip/count": i + 1}) for i in range(3)]
 DIAGNOSE_BAD = [
     # (label, metrics_or_state, words the error must hold)
@@ -880,7 +1052,7 @@ def _norms_cases() -> list[Case]:
 
 def _all_cases() -> list[Case]:
   return (_arg_cases() + _inject_cases() + _tree_cases() + _mismatch_cases() + _norm_cases()
-          + _diagnose_cases() + _norms_cases())
+          + _diagnose_cases() + _norms_cases() + _per_example_cases())
 
 
 CASES = _all_cases()
@@ -938,6 +1110,19 @@ def test_valid_tree_is_accepted(name, label):
 @pytest.mark.parametrize("value", NORM_VALID, ids=short)
 def test_valid_norm_is_accepted(value):
   call(clipax.clip_with_norm, GRADS, value, 1.0, abstract=True)
+
+
+@pytest.mark.parametrize("label", list(PER_EXAMPLE_VALID))
+def test_valid_per_example_grads_are_accepted(label):
+  call(lambda t: clipax.per_example_clip(t, 1.0), PER_EXAMPLE_VALID[label], abstract=True)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 1, 2, 4])
+def test_valid_per_example_clipped_grad_call_is_accepted(microbatch_size):
+  fn = clipax.per_example_clipped_grad(_loss, 1.0, microbatch_size=microbatch_size)
+  mask = np.array([1, 0, 1, 1])
+  total, info = jax.eval_shape(lambda p, x: fn(p, x, mask=mask), _P1, _XS)
+  assert total["w"].shape == (3,) and info.loss.shape == ()
 
 
 @pytest.mark.parametrize(("label", "value"), DIAGNOSE_VALID, ids=[x[0] for x in DIAGNOSE_VALID])
