@@ -478,7 +478,8 @@ Outcome = tuple[str | None, BaseException | None, str]
 def _numeric(tree: Any) -> bool:
   """Whether every leaf is a number or a numeric array (so ``jax.eval_shape`` can take it)."""
   return all(isinstance(x, (int, float, complex, np.generic))
-             or isinstance(x, (jax.Array, np.ndarray)) and x.dtype.kind in "biufc"
+             or isinstance(x, (jax.Array, np.ndarray))
+             and (x.dtype.kind in "biufc" or jnp.issubdtype(x.dtype, jnp.floating))  # bfloat16
              for x in jax.tree_util.tree_leaves(tree))
 
 
@@ -726,6 +727,48 @@ def _inject_cases() -> list[Case]:
             run=lambda t=target, kw=kwargs, f=factory: attempt(t, kw, factory=f, update=False),
             expect=(f"`{arg}`",),
         ))
+  return cases
+
+
+# Bad values of one argument that only another argument makes bad, and values whose error names
+# an entry (``max_norm['g']``) rather than the argument: (target, kwargs, words the error must
+# hold); each is run through build, init and update like a swept value.
+COMBINATIONS = [
+    *((name, {"specs": {"w": P(), "b": P()}, "axis_name": "i"}, ("`specs`", "axis_name"))
+      for name in ("clip_by_global_norm", "zclip", "autoclip", "skip_nonfinite", "skip_spikes",
+                   "monitor", "global_norm", "leaf_norms")),
+    *((name, {"specs": "varying", "replicated": True}, ("`specs`", "replicated"))
+      for name in ("clip_by_global_norm", "monitor", "global_norm", "leaf_norms")),
+    ("clip_per_example", {"max_norm": INF, "normalize": True}, ("`max_norm`", "inf")),
+    ("per_example_clip", {"max_norm": INF, "normalize": True}, ("`max_norm`", "inf")),
+    ("per_example_clipped_grad", {"max_norm": INF, "normalize": True}, ("`max_norm`", "inf")),
+    ("clip_by_group_norm", {"max_norm": {"g": -1.0}}, ("`max_norm['g']`", "-1.0")),
+    ("clip_by_group_norm", {"max_norm": {"g": NAN}}, ("`max_norm['g']`", "nan")),
+    ("clip_by_group_norm", {"max_norm": {"g": "1.0"}}, ("`max_norm['g']`", "'1.0'")),
+    ("clip_by_group_norm", {"max_norm": {"g": ones(2)}}, ("`max_norm['g']`", "shape")),
+    ("clip_by_group_norm", {"max_norm": {}}, ("`max_norm`", "'g'")),
+    ("clip_by_group_norm", {"max_norm": {"h": 1.0}}, ("`max_norm`", "'g'")),
+    ("clip_by_group_norm", {"max_norm": {"g": 1.0, "h": 1.0}}, ("`max_norm`", "'h'")),
+    ("clip_by_group_norm", {"max_norm": {1: 1.0}}, ("`max_norm`", "1")),
+    ("clip_by_group_norm", {"labels": LABEL_FN, "max_norm": {"m": 1.0}}, ("`max_norm`", "'v'")),
+    ("clip_by_subset_norm", {"labels": LABEL_FN, "measure": "g"}, ("`measure`", "'g'")),
+    ("clip_by_subset_norm", {"labels": {"w": "m", "b": "v"}, "apply": ["v", "x"]},
+     ("`apply`", "'x'")),
+]
+
+
+def _combination_cases() -> list[Case]:
+  cases = []
+  for name, extra, expect in COMBINATIONS:
+    target = BY_NAME[name]
+    kwargs = {**target.base, **extra}
+    shown = ", ".join(f"{k}={short(v)}" for k, v in kwargs.items())
+    cases.append(Case(
+        id=f"{name}-{'-'.join(f'{k}={short(v)}' for k, v in extra.items())}",
+        call=f"clipax.{name}({shown})" + (".init(params)" if target.transform else ""),
+        run=lambda t=target, kw=kwargs: attempt(t, kw),
+        expect=expect,
+    ))
   return cases
 
 
@@ -1052,7 +1095,7 @@ def _norms_cases() -> list[Case]:
 
 def _all_cases() -> list[Case]:
   return (_arg_cases() + _inject_cases() + _tree_cases() + _mismatch_cases() + _norm_cases()
-          + _diagnose_cases() + _norms_cases() + _per_example_cases())
+          + _diagnose_cases() + _norms_cases() + _per_example_cases() + _combination_cases())
 
 
 CASES = _all_cases()
