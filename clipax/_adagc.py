@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from clipax import _checks
+from clipax import _checks, _layers
 from clipax._adaptive import (
     _cap,
     _check_max_norm,
@@ -48,7 +48,8 @@ class AdaGCState(NamedTuple):
       ``sqrt(sum_i (ratio * gamma_i)^2)``; capped by ``max_norm``.
     observed: int32, finite norms absorbed into the statistics (saturates).
     gamma: a pytree with the structure of the parameters holding, per leaf, an EMA of that
-      leaf's clipped norm (its running minimum during warm-up).
+      leaf's clipped norm (its running minimum during warm-up); with ``layer_axis``, a ``(L,)``
+      vector (one EMA per layer) for each stacked leaf.
     update_norm: the global norm of the last update after clipping (0 when it was zeroed).
     leaf_norms: with ``leaf_metrics=True``, each leaf's pre-clip norm (shaped like ``gamma``);
       otherwise ``()``.
@@ -74,13 +75,14 @@ class AdaGCState(NamedTuple):
     return _threshold_metrics(self)
 
 
-def _adagc_policy(state: AdaGCState, norms, global_n, *, ratio, beta, warmup_steps, warmup_max):
-  """Per-leaf scales, over flags, reported threshold and the next ``gamma`` leaves."""
+def _adagc_policy(state: AdaGCState, norms, gammas, global_n, *, ratio, beta, warmup_steps,
+                  warmup_max):
+  """Per-leaf scales, over flags, reported threshold and the next ``gamma`` leaves (``gammas``:
+  one scalar per leaf of ``norms``)."""
   dt = global_n.dtype
   beta = jnp.asarray(beta, dt)
   ratio = jnp.asarray(ratio, dt)
   warm = warming_up(state, warmup_steps)
-  gammas = jax.tree_util.tree_leaves(state.gamma)
   warm_scale, warm_over = scale_for(global_n, warmup_max)
   limits = [ratio * gm for gm in gammas]
   scales, overs, new_gammas = [], [], []
@@ -112,6 +114,7 @@ def adagc(
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
+    layer_axis: _layers.LayerAxis = None,
 ) -> optax.GradientTransformation:
   r"""AdaGC: clips each leaf relative to an EMA of that leaf's own clipped norm.
 
@@ -156,6 +159,13 @@ def adagc(
       else ``adagc``.
     leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
       the per-leaf norms it computes anyway.
+    layer_axis: stacked (scanned) layers: each leaf stacked along its layer axis counts as L
+      separate layers, each with its own :math:`\gamma` (``gamma`` holds a ``(L,)`` vector for it,
+      ``leaf_norms`` too: ``leaf_norm/<path>/<i>`` in the metrics), bit-for-bit as the unstacked
+      model over any number of steps for a leading layer axis. ``None`` (default): no stacked leaf;
+      an int: every leaf is stacked along that axis; a pytree prefix of the updates with
+      int/``None`` leaves; or a function ``(key_path, leaf) -> int | None``. ``init`` then needs the
+      parameters themselves (their shapes), not only their structure.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`clipax.AdaGCState`. ``init``
@@ -164,7 +174,9 @@ def adagc(
   Raises:
     ValueError: for an out-of-range python number, a non-integer ``warmup_steps`` or an unknown
       ``nonfinite`` at construction; at ``update`` when the state was built without parameters
-      or for a tree of another structure.
+      or for a tree of another structure (or other layer counts); for a ``layer_axis`` out of
+      range for a leaf (naming its path).
+    TypeError: for a ``layer_axis`` of none of the accepted forms.
 
   Examples:
     >>> import jax
@@ -190,13 +202,17 @@ def adagc(
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
   check_leaf_metrics(leaf_metrics)
+  _layers.check_layer_axis(layer_axis, "adagc")
 
   def init_fn(params):
     base = init_base()
     dt = base.norm.dtype
-    gamma = jax.tree_util.tree_map(lambda _: jnp.zeros([], dt), params)
+    if layer_axis is None:
+      gamma = jax.tree_util.tree_map(lambda _: jnp.zeros([], dt), params)
+    else:  # (L,) zeros for a stacked leaf
+      gamma = _layers.zeros(params, layer_axis, dt, "adagc")
     threshold = _cap(jnp.asarray(warmup_max_norm, dt), max_norm)
-    leaves = jax.tree_util.tree_map(lambda _: jnp.zeros([], dt), params) if leaf_metrics else ()
+    leaves = jax.tree_util.tree_map(jnp.zeros_like, gamma) if leaf_metrics else ()
     return AdaGCState(*base, threshold, jnp.zeros([], jnp.int32), gamma, jnp.zeros([], dt),
                       leaves)
 
@@ -210,8 +226,15 @@ def adagc(
             f"state with `init(params)` for these updates ({treedef} vs "
             f"{jax.tree_util.tree_structure(state.gamma)})"
         )
-      leaves = float_leaves(updates, "adagc")
+      stacked = float_leaves(updates, "adagc")
       dt = state.norm.dtype
+      old = jax.tree_util.tree_leaves(state.gamma)
+      # Stacked leaves (``layer_axis``): each layer is a leaf of its own from here to the end,
+      # then stacked again, so every statistic is the unstacked model's.
+      stacking = _layers.resolve(updates, layer_axis, "adagc")
+      _layers.check_values(stacking, old, "gamma", "adagc")
+      leaves = stacked if stacking is None else stacking.split(stacked)
+      old = old if stacking is None else stacking.split_values(old)
       norms = [n.astype(dt) for n in _leafwise(leaves, 2, axis_name)]
       global_n = combine_norms(norms, 2).astype(dt) if norms else jnp.zeros([], dt)
       invalid = _checks.any_of(
@@ -225,6 +248,7 @@ def adagc(
       scales, overs, threshold, gammas = _adagc_policy(
           state,
           norms,
+          old,
           global_n,
           ratio=ratio,
           beta=beta,
@@ -237,11 +261,17 @@ def adagc(
         cap_scale, cap_over = scale_for(clipped_global.astype(dt), max_norm)
         scales = [s * cap_scale for s in scales]
         any_over = any_over | cap_over
-      out = treedef.unflatten([act.apply(g, s) for g, s in zip(leaves, scales, strict=True)])
+      out_leaves = [act.apply(g, s) for g, s in zip(leaves, scales, strict=True)]
       smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dt)
       ok = ~(act.bad if invalid is None else act.bad | invalid)
-      old = jax.tree_util.tree_leaves(state.gamma)
-      gamma = treedef.unflatten(_keep_if(ok, gammas, old))
+      new_gamma = _keep_if(ok, gammas, old)
+      per_leaf = norms
+      if stacking is not None:
+        out_leaves = stacking.restack(out_leaves, stacked)
+        new_gamma = stacking.stack(new_gamma, dt)
+        per_leaf = stacking.stack(norms, dt)
+      out = treedef.unflatten(out_leaves)
+      gamma = treedef.unflatten(new_gamma)
       base = record(state, global_n, act.recorded(smallest), act.clipped(any_over), act.bad,
                     invalid)
       after = combine_norms([applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], 2)
@@ -252,7 +282,7 @@ def adagc(
           add_count(state.observed, ok.astype(jnp.int32)),
           gamma,
           after.astype(dt),
-          as_tree(updates, norms, dt) if leaf_metrics else (),
+          as_tree(updates, per_leaf, dt) if leaf_metrics else (),
       )
 
   return named(optax.GradientTransformation(init_fn, update_fn), "adagc", name)

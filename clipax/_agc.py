@@ -15,9 +15,15 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from clipax import _checks
+from clipax import _checks, _layers
 from clipax._checks import Nonfinite
-from clipax._clipping import _per_leaf_clip, _transformation, invalid_threshold
+from clipax._clipping import (
+    _by_layer,
+    _per_leaf_clip,
+    _transformation,
+    _with_layer_init,
+    invalid_threshold,
+)
 from clipax._elements import ReductionAxes, UnitRule, float_leaves
 from clipax._unitwise import unitwise_norms
 
@@ -49,6 +55,7 @@ def adaptive_grad_clip(
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
+    layer_axis: _layers.LayerAxis = None,
 ) -> optax.GradientTransformation:
   r"""Adaptive gradient clipping (AGC): clips each unit relative to its parameter's norm.
 
@@ -72,6 +79,13 @@ def adaptive_grad_clip(
       else ``agc``.
     leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
       from the per-leaf norms it computes anyway.
+    layer_axis: stacked (scanned) layers: each leaf stacked along its layer axis counts as L
+      separate weights ``x[i]``, whose units are those of the unstacked weight (the layer axis is
+      never reduced; ``units`` and ``axes`` see the layer ``x[i]``), bit-for-bit as the unstacked
+      model for a leading layer axis. ``None`` (default): no stacked leaf; an int: every leaf is
+      stacked along that axis; a pytree prefix of the updates with int/``None`` leaves; or a
+      function ``(key_path, leaf) -> int | None``. With ``leaf_metrics`` a stacked leaf's norm entry
+      is a ``(L,)`` vector (``leaf_norm/<path>/<i>``).
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
@@ -80,7 +94,8 @@ def adaptive_grad_clip(
   Raises:
     ValueError: for a bad ``clipping``, ``eps``, ``units`` or ``nonfinite``; at ``update``
       without ``params``, or with ``params`` whose structure or leaf shapes differ from the
-      updates', or with axes out of range.
+      updates', or with axes (or a ``layer_axis``) out of range.
+    TypeError: for a ``layer_axis`` of none of the accepted forms.
 
   Examples:
     >>> import jax
@@ -104,13 +119,9 @@ def adaptive_grad_clip(
   _checks.nonfinite(nonfinite)
   if axes is not None and not callable(axes):
     raise TypeError(f"`axes` must be None or a function from a leaf to its axes, got {axes!r}")
+  _layers.check_layer_axis(layer_axis, "adaptive_grad_clip")
 
-  def clip_fn(updates, params):
-    if params is None:
-      raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params)")
-    float_leaves(updates, "adaptive_grad_clip")  # a clear error for a non-numeric leaf first
-    float_leaves(params, "adaptive_grad_clip")
-    _paired(updates, params)
+  def clip_layers(updates, params):
     g_norms = jax.tree_util.tree_leaves(unitwise_norms(updates, axes=axes, units=units))
     p_norms = jax.tree_util.tree_leaves(unitwise_norms(params, axes=axes, units=units))
     lam = jnp.asarray(clipping, jnp.float32)
@@ -120,4 +131,15 @@ def adaptive_grad_clip(
     )
     return _per_leaf_clip(updates, g_norms, limits, nonfinite, 2, invalid)
 
-  return _transformation("agc", clip_fn, clipping, name, leaf_metrics)
+  layered = _by_layer(clip_layers, layer_axis, "adaptive_grad_clip", with_params=True)
+
+  def clip_fn(updates, params):
+    if params is None:
+      raise ValueError("adaptive_grad_clip needs `params`: call update(updates, state, params)")
+    float_leaves(updates, "adaptive_grad_clip")  # a clear error for a non-numeric leaf first
+    float_leaves(params, "adaptive_grad_clip")
+    _paired(updates, params)
+    return layered(updates, params)
+
+  tx = _transformation("agc", clip_fn, clipping, name, leaf_metrics)
+  return _with_layer_init(tx, layer_axis, leaf_metrics, "adaptive_grad_clip")

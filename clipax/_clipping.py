@@ -17,7 +17,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from clipax import _checks
+from clipax import _checks, _layers
 from clipax._checks import Nonfinite
 from clipax._elements import AxisName, Replicated, Specs, by_ord, canonical_ord, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
@@ -357,6 +357,42 @@ def _transformation(
   return named(optax.GradientTransformation(init_fn, update_fn), kind, name)
 
 
+def _by_layer(clip_fn, layer_axis: _layers.LayerAxis, what: str, with_params: bool = False):
+  """``clip_fn(updates, params)`` (returning what :func:`_per_leaf_clip` does) applied to the
+  tree in which every stacked leaf (``layer_axis``) is replaced by its layers, restacked after:
+  clipped leaves along their layer axes, per-leaf norms as ``(L,)`` vectors. ``with_params``:
+  ``params`` are split the same way (AGC); otherwise they are passed on as they are."""
+  if layer_axis is None:
+    return clip_fn
+
+  def layered(updates, params):
+    stacking = _layers.resolve(updates, layer_axis, what)
+    if stacking is None:
+      return clip_fn(updates, params)
+    leaves = float_leaves(updates, what)
+    if with_params and params is not None:
+      params = stacking.split(float_leaves(params, what))
+    out, norm, scale, clipped, act, after, per_leaf = clip_fn(stacking.split(leaves), params)
+    treedef: Any = jax.tree_util.tree_structure(updates)
+    out = treedef.unflatten(stacking.restack(jax.tree_util.tree_leaves(out), leaves))
+    return out, norm, scale, clipped, act, after, stacking.stack(per_leaf, norm.dtype)
+
+  return layered
+
+
+def _with_layer_init(tx, layer_axis: _layers.LayerAxis, leaf_metrics: bool, what: str):
+  """``tx`` whose fresh state holds ``(L,)`` zeros in ``leaf_norms`` for each stacked leaf, the
+  shape its updates record (so the state's shapes never change from one step to the next)."""
+  if layer_axis is None or not leaf_metrics:
+    return tx
+
+  def init_fn(params):
+    state = tx.init(params)
+    return state._replace(leaf_norms=_layers.zeros(params, layer_axis, state.norm.dtype, what))
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
 def clip_by_leaf_norm(
     max_norm: ArrayLike,
     *,
@@ -364,6 +400,7 @@ def clip_by_leaf_norm(
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
+    layer_axis: _layers.LayerAxis = None,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf on its own so that its norm is at most ``max_norm``.
 
@@ -379,13 +416,24 @@ def clip_by_leaf_norm(
       else ``leaf_norm``.
     leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
       from the per-leaf norms it computes anyway.
+    layer_axis: stacked (scanned) layers: each leaf stacked along its layer axis counts as L
+      separate layers, each clipped by its own norm (of the slice ``x[i]``), bit-for-bit as the
+      unstacked model for a leading layer axis (another axis: up to an ulp of the norms, the order
+      XLA sums a strided layer in). ``None`` (default): no stacked leaf; an int: every leaf is
+      stacked along that axis (a leaf without it is an error); a pytree prefix of the updates with
+      int/``None`` leaves (``{"layers": 0, "embed": None}``); or a function ``(key_path, leaf) ->
+      int | None``. With ``leaf_metrics`` a stacked leaf's ``leaf_norms`` entry is a ``(L,)``
+      vector, reported as ``leaf_norm/<path>/<i>``; ``init`` then needs the parameters' shapes.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`: ``norm`` is the global
-    pre-clip norm, ``scale`` the smallest leaf scale, ``clipped`` whether any leaf was clipped.
+    pre-clip norm, ``scale`` the smallest leaf (layer) scale, ``clipped`` whether any leaf was
+    clipped.
 
   Raises:
-    ValueError: for a bad ``max_norm``, ``ord`` or ``nonfinite``.
+    ValueError: for a bad ``max_norm``, ``ord`` or ``nonfinite``; at ``update``, for a
+      ``layer_axis`` out of range for a leaf (naming its path).
+    TypeError: for a ``layer_axis`` of none of the forms above.
 
   Examples:
     >>> import jax
@@ -396,9 +444,17 @@ def clip_by_leaf_norm(
     >>> out, _ = jax.jit(tx.update)(grads, tx.init(None))
     >>> print(f"{out['a'][0]:.2f} {out['a'][1]:.2f} {out['b'][0]:.2f}")
     0.60 0.80 0.10
+
+    Two stacked layers (``nnx.scan``'s layout), each clipped on its own:
+
+    >>> tx = clipax.clip_by_leaf_norm(1.0, layer_axis=0)
+    >>> out, _ = jax.jit(tx.update)({"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}, tx.init(None))
+    >>> print([[f"{v:.2f}" for v in row] for row in out["w"].tolist()])
+    [['0.60', '0.80'], ['0.30', '0.40']]
   """
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
+  _layers.check_layer_axis(layer_axis, "clip_by_leaf_norm")
   ord = canonical_ord(ord)
 
   def clip_fn(updates, params):
@@ -410,7 +466,9 @@ def clip_by_leaf_norm(
         updates, norms, [max_norm] * len(norms), nonfinite, ord, invalid_threshold(max_norm)
     )
 
-  return _transformation("leaf_norm", clip_fn, max_norm, name, leaf_metrics)
+  clip_fn = _by_layer(clip_fn, layer_axis, "clip_by_leaf_norm")
+  tx = _transformation("leaf_norm", clip_fn, max_norm, name, leaf_metrics)
+  return _with_layer_init(tx, layer_axis, leaf_metrics, "clip_by_leaf_norm")
 
 
 def clip_by_block_rms(
@@ -419,6 +477,7 @@ def clip_by_block_rms(
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
+    layer_axis: _layers.LayerAxis = None,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf so that its root-mean-square is at most ``threshold``.
 
@@ -433,13 +492,19 @@ def clip_by_block_rms(
       else ``block_rms``.
     leaf_metrics: also keep every leaf's pre-clip norm (``clip/{name}/leaf_norm/<path>``),
       from the per-leaf norms it computes anyway.
+    layer_axis: stacked (scanned) layers, as in :func:`clip_by_leaf_norm`: each layer ``x[i]`` of a
+      stacked leaf is a block of its own, bounded by its own RMS (over its ``n / L`` elements),
+      bit-for-bit as the unstacked model (leading layer axis); ``None`` (default), an int, a pytree
+      prefix of ints/``None`` or a function ``(key_path, leaf) -> int | None``.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
     smallest leaf ``scale``).
 
   Raises:
-    ValueError: for a bad ``threshold`` or ``nonfinite``.
+    ValueError: for a bad ``threshold`` or ``nonfinite``; at ``update``, for a ``layer_axis``
+      out of range for a leaf (naming its path).
+    TypeError: for a ``layer_axis`` of none of the accepted forms.
 
   Examples:
     >>> import jax
@@ -452,6 +517,7 @@ def clip_by_block_rms(
   """
   _checks.threshold("threshold", threshold)
   _checks.nonfinite(nonfinite)
+  _layers.check_layer_axis(layer_axis, "clip_by_block_rms")
 
   def clip_fn(updates, params):
     del params
@@ -460,4 +526,6 @@ def clip_by_block_rms(
     limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(x.size) for x in leaves]
     return _per_leaf_clip(updates, norms, limits, nonfinite, 2, invalid_threshold(threshold))
 
-  return _transformation("block_rms", clip_fn, threshold, name, leaf_metrics)
+  clip_fn = _by_layer(clip_fn, layer_axis, "clip_by_block_rms")
+  tx = _transformation("block_rms", clip_fn, threshold, name, leaf_metrics)
+  return _with_layer_init(tx, layer_axis, leaf_metrics, "clip_by_block_rms")

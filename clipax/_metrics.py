@@ -162,7 +162,13 @@ def _leaf_metrics(leaf_norms: Any) -> dict[str, jax.Array]:
     keys = [_key_name(e) for e in path]
     if keys and keys[-1] == "value":  # a Flax NNX variable's value, as a dict form gives it
       keys = keys[:-1]
-    out["leaf_norm/" + "/".join(keys)] = _value(value)
+    key = "leaf_norm/" + "/".join(keys)
+    v = _value(value)
+    if v.ndim == 0:
+      out[key] = v
+    else:  # a stacked leaf (``layer_axis``): one norm per layer, keyed as its unstacked twin's
+      for i in range(v.shape[0]):
+        out[f"{key}/{i}"] = v[i]
   return out
 
 
@@ -201,7 +207,9 @@ def metrics(opt_state: Any, *, prefix: str = "clip") -> dict[str, jax.Array]:
   infinite. zclip adds ``mean`` and ``std``, guards ``skipped``, ``skip_rate`` and
   ``skipped_count``. With ``leaf_metrics=True`` the pre-clip norm of every leaf is
   ``"{prefix}/{name}/leaf_norm/<key path>"``, the path joined by ``/``
-  (``clip/global_norm/leaf_norm/params/Dense_0/kernel``). Under ``optax.MultiSteps`` the
+  (``clip/global_norm/leaf_norm/params/Dense_0/kernel``); a leaf stacked along ``layer_axis``
+  gives one key per layer, ``.../leaf_norm/<key path>/<i>``, the key of layer ``i`` of the
+  unstacked model held as a list. Under ``optax.MultiSteps`` the
   clipax states are updated once per optimizer step, so their metrics describe the last real
   update; ``"{prefix}/updated"`` says whether the call that produced ``opt_state`` applied one
   (``False`` while gradients are being accumulated).

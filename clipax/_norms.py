@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clipax import _checks, _platform, _rescue
+from clipax import _checks, _layers, _platform, _rescue
 from clipax._elements import (
     AxisName,
     Replicated,
@@ -320,6 +320,7 @@ def leaf_norms(
     axis_name: AxisName = None,
     replicated: Replicated = None,
     specs: Specs = None,
+    layer_axis: _layers.LayerAxis = None,
 ) -> Any:
   """The norm of each leaf on its own, accumulated in float32 like :func:`global_norm`.
 
@@ -332,12 +333,22 @@ def leaf_norms(
       as in :func:`global_norm`.
     specs: inside ``shard_map``, the gradients' ``PartitionSpec`` s or ``"varying"``, instead of
       ``axis_name`` and ``replicated`` (see :func:`global_norm`); one vector all-reduce.
+    layer_axis: stacked (scanned) layers: a leaf stacked along its layer axis counts as L
+      separate layers, one norm each (of the slice ``x[i]`` along that axis), bit-for-bit the
+      norms of the unstacked leaves for a leading layer axis (a strided one: up to the order
+      XLA sums it in, an ulp). ``None`` (default): no stacked leaf; an int: every leaf is
+      stacked along that axis; a pytree prefix of ``tree`` with int/``None`` leaves
+      (``{"layers": 0, "embed": None}``); or a function ``(key_path, leaf) -> int | None``.
+      Inside ``shard_map`` the layer axis must not be one the leaf is split over.
 
   Returns:
-    A pytree of the same structure as ``tree`` with a float32 scalar per leaf.
+    A pytree of the same structure as ``tree`` with a float32 scalar per leaf, and a float32
+    ``(L,)`` vector of per-layer norms for each stacked leaf.
 
   Raises:
-    ValueError: for an unknown ``ord``, an integer/boolean leaf or a bad ``replicated``.
+    ValueError: for an unknown ``ord``, an integer/boolean leaf, a bad ``replicated``, or a
+      ``layer_axis`` out of range for a leaf (the message names its path).
+    TypeError: for a ``layer_axis`` that is none of the forms above.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -345,11 +356,24 @@ def leaf_norms(
     >>> norms = clipax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.ones((4,), jnp.bfloat16)})
     >>> print(f"{norms['a']:.1f} {norms['b']:.1f}")
     5.0 2.0
+
+    Three layers stacked along axis 0 (as ``nnx.scan`` and ``nn.scan`` keep them), a norm each:
+
+    >>> stacked = {"w": jnp.array([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]]), "b": jnp.ones(2)}
+    >>> norms = clipax.leaf_norms(stacked, layer_axis={"w": 0, "b": None})
+    >>> print(norms["w"].tolist(), f"{norms['b']:.4f}")
+    [5.0, 1.0, 10.0] 1.4142
   """
   ord = canonical_ord(ord)
   _checks.axis_name(axis_name)
+  _layers.check_layer_axis(layer_axis, "leaf_norms")
   treedef: Any = jax.tree_util.tree_structure(tree)
   with jax.named_scope("clipax/leaf_norms"):
     leaves = float_leaves(tree, "leaf_norms")
     axes, rep = layout(tree, axis_name, replicated, specs, "leaf_norms")
+    stacking = _layers.resolve(tree, layer_axis, "leaf_norms")
+    if stacking is not None:  # each layer of a stacked leaf is a leaf of its own
+      layers, rep = stacking.split(leaves), stacking.repeat(rep)
+      norms = by_ord(ord, lambda o: _leafwise(layers, o, axes, rep))
+      return treedef.unflatten(stacking.stack(norms, _result_dtype(leaves)))
     return treedef.unflatten(by_ord(ord, lambda o: _leafwise(leaves, o, axes, rep)))
