@@ -141,9 +141,6 @@ def test_forms_of_layer_axis_agree_and_axis_need_not_lead(kind):
   grads, params = _tree(jnp.float32, 0), _tree(jnp.float32, 1)
   reference = _steps(TRANSFORMS[kind](layer_axis=PREFIX), grads, params, 1)
   _assert_bits(_steps(TRANSFORMS[kind](layer_axis=_layers_only), grads, params, 1), reference)
-  if kind != "adagc":  # (adagc's warm-up threshold is global: the embedding counts)
-    block = _steps(TRANSFORMS[kind](layer_axis=0), grads["layers"], params["layers"], 1)
-    _assert_bits(block[0], [o["layers"] for o in reference[0]])
   # the layer axis in the middle: (4, L, 6) kernels, (6, L) biases
   g1, p1 = _tree(jnp.float32, 0, axis=1), _tree(jnp.float32, 1, axis=1)
   moved = _steps(TRANSFORMS[kind](layer_axis={"embed": None, "layers": 1}), g1, p1, 1)
@@ -301,8 +298,8 @@ def test_nnx_scanned_model_equals_its_unstacked_twin():
             "blocks": jax.tree_util.tree_map(lambda v: [v[i] for i in range(L)], t["blocks"])}
 
   for kind in ("adagc",):
-    stacked = _steps(TRANSFORMS[kind](layer_axis=_in_blocks), grads, params, 3)
-    flat = _steps(TRANSFORMS[kind](), unstack(grads), unstack(params), 3)
+    stacked = _steps(TRANSFORMS[kind](layer_axis=_in_blocks), grads, params, 2)
+    flat = _steps(TRANSFORMS[kind](), unstack(grads), unstack(params), 2)
     _assert_bits([unstack(o) for o in stacked[0]], flat[0])
     m = clipax.metrics(stacked[1])
     assert m.keys() == clipax.metrics(flat[1]).keys()
@@ -363,7 +360,7 @@ def test_linen_scan_params_train_with_adamw_and_match_unstacked():
     return optax.apply_updates(params, updates), state, loss
 
   state, losses = tx.init(params), []
-  for _ in range(20):
+  for _ in range(12):
     params, state, loss = step(params, state)
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0], losses
@@ -377,8 +374,8 @@ def test_linen_scan_params_train_with_adamw_and_match_unstacked():
                                                            scan)}}
   stacked_tx, flat_tx = clipax.clip_by_leaf_norm(0.05, layer_axis=_in_blocks), \
       clipax.clip_by_leaf_norm(0.05)
-  out = stacked_tx.update(grads, stacked_tx.init(None))[0]
-  ref = flat_tx.update(flat, flat_tx.init(None))[0]
+  out = jax.jit(stacked_tx.update)(grads, stacked_tx.init(None))[0]
+  ref = jax.jit(flat_tx.update)(flat, flat_tx.init(None))[0]
   out["params"]["Scan_LinenBlock_0"] = jax.tree_util.tree_map(
       lambda v: [v[i] for i in range(L)], out["params"]["Scan_LinenBlock_0"])
   _assert_bits(out, ref)
