@@ -25,9 +25,10 @@ from clipax._adaptive import (
 )
 from clipax._checks import Nonfinite
 from clipax._clipping import action, combine_norms, scale_for
-from clipax._elements import AxisName, float_leaves
+from clipax._elements import AxisName, Specs, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics
 from clipax._norms import _leafwise
+from clipax._sharding import check_specs, per_leaf_layout
 from clipax._state import add_count, applied_norm, init_base, named, record, register_state
 
 
@@ -111,6 +112,7 @@ def adagc(
     warmup_max_norm: ArrayLike = 1.0,
     max_norm: ArrayLike | None = None,
     axis_name: AxisName = None,
+    specs: Specs = None,
     nonfinite: Nonfinite = "zero",
     name: str | None = None,
     leaf_metrics: bool = False,
@@ -154,6 +156,9 @@ def adagc(
       for none.
     axis_name: inside ``shard_map``/``pmap`` with sharded gradients, the axis to all-reduce the
       leaf norms over (one vector collective per step).
+    specs: inside ``shard_map``, instead of ``axis_name``: the updates' ``PartitionSpec`` s or
+      ``"varying"``; each leaf's norm is summed over exactly the mesh axes it is split over
+      (see :func:`clipax.global_norm`). Not with ``layer_axis``.
     nonfinite: ``"zero"`` (default) or ``"propagate"``.
     name: the name of its keys in :func:`clipax.metrics`; default: its ``named_chain`` key,
       else ``adagc``.
@@ -201,6 +206,7 @@ def adagc(
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
+  check_specs(specs, axis_name)
   check_leaf_metrics(leaf_metrics)
   _layers.check_layer_axis(layer_axis, "adagc")
 
@@ -235,7 +241,8 @@ def adagc(
       _layers.check_values(stacking, old, "gamma", "adagc")
       leaves = stacked if stacking is None else stacking.split(stacked)
       old = old if stacking is None else stacking.split_values(old)
-      norms = [n.astype(dt) for n in _leafwise(leaves, 2, axis_name)]
+      axes, rep = per_leaf_layout(updates, axis_name, specs, layer_axis, "adagc")
+      norms = [n.astype(dt) for n in _leafwise(leaves, 2, axes, rep)]
       global_n = combine_norms(norms, 2).astype(dt) if norms else jnp.zeros([], dt)
       invalid = _checks.any_of(
           _checks.invalid(ratio, low=0.0, low_open=True),

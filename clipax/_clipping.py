@@ -22,7 +22,7 @@ from clipax._checks import Nonfinite
 from clipax._elements import AxisName, Replicated, Specs, by_ord, canonical_ord, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
 from clipax._norms import _global, _leafwise
-from clipax._sharding import check_replicated, check_specs
+from clipax._sharding import check_replicated, check_specs, global_sizes, per_leaf_layout
 from clipax._state import applied_norm, clip_state, init_clip_state, named, record, stat_dtype
 
 
@@ -401,6 +401,7 @@ def clip_by_leaf_norm(
     name: str | None = None,
     leaf_metrics: bool = False,
     layer_axis: _layers.LayerAxis = None,
+    specs: Specs = None,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf on its own so that its norm is at most ``max_norm``.
 
@@ -424,6 +425,10 @@ def clip_by_leaf_norm(
       int/``None`` leaves (``{"layers": 0, "embed": None}``); or a function ``(key_path, leaf) ->
       int | None``. With ``leaf_metrics`` a stacked leaf's ``leaf_norms`` entry is a ``(L,)``
       vector, reported as ``leaf_norm/<path>/<i>``; ``init`` then needs the parameters' shapes.
+    specs: inside ``shard_map``, the updates' ``PartitionSpec`` s (the ``in_specs`` pytree) or
+      ``"varying"``: each leaf's norm is summed over exactly the mesh axes it is split over (one
+      vector all-reduce), so a sharded leaf is clipped by its whole norm (see
+      :func:`clipax.global_norm`). Not with ``layer_axis``.
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState`: ``norm`` is the global
@@ -455,13 +460,14 @@ def clip_by_leaf_norm(
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
   _layers.check_layer_axis(layer_axis, "clip_by_leaf_norm")
+  check_specs(specs)
   ord = canonical_ord(ord)
 
   def clip_fn(updates, params):
     del params
     leaves = float_leaves(updates, "clip_by_leaf_norm")
-
-    norms = by_ord(ord, lambda o: _leafwise(leaves, o, None))
+    axes, rep = per_leaf_layout(updates, None, specs, layer_axis, "clip_by_leaf_norm")
+    norms = by_ord(ord, lambda o: _leafwise(leaves, o, axes, rep))
     return _per_leaf_clip(
         updates, norms, [max_norm] * len(norms), nonfinite, ord, invalid_threshold(max_norm)
     )
@@ -478,6 +484,7 @@ def clip_by_block_rms(
     name: str | None = None,
     leaf_metrics: bool = False,
     layer_axis: _layers.LayerAxis = None,
+    specs: Specs = None,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf so that its root-mean-square is at most ``threshold``.
 
@@ -496,6 +503,8 @@ def clip_by_block_rms(
       stacked leaf is a block of its own, bounded by its own RMS (over its ``n / L`` elements),
       bit-for-bit as the unstacked model (leading layer axis); ``None`` (default), an int, a pytree
       prefix of ints/``None`` or a function ``(key_path, leaf) -> int | None``.
+    specs: inside ``shard_map``, the updates' ``PartitionSpec`` s or ``"varying"``, as in
+      :func:`clip_by_leaf_norm`; the RMS is over the whole leaf (its elements on every shard).
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`clipax.ClipState` (global L2 ``norm``,
@@ -518,12 +527,18 @@ def clip_by_block_rms(
   _checks.threshold("threshold", threshold)
   _checks.nonfinite(nonfinite)
   _layers.check_layer_axis(layer_axis, "clip_by_block_rms")
+  check_specs(specs)
 
   def clip_fn(updates, params):
     del params
     leaves = float_leaves(updates, "clip_by_block_rms")
-    norms = _leafwise(leaves, 2, None)
-    limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(x.size) for x in leaves]
+    axes, rep = per_leaf_layout(updates, None, specs, layer_axis, "clip_by_block_rms")
+    norms = _leafwise(leaves, 2, axes, rep)
+    sizes = [x.size for x in leaves] if specs is None else global_sizes(
+        updates, specs, "clip_by_block_rms")
+    limits = [jnp.asarray(threshold, jnp.float32) * (math.sqrt(n) if isinstance(n, int)
+                                                     else jnp.sqrt(jnp.float32(n)))
+              for n in sizes]
     return _per_leaf_clip(updates, norms, limits, nonfinite, 2, invalid_threshold(threshold))
 
   clip_fn = _by_layer(clip_fn, layer_axis, "clip_by_block_rms")

@@ -7,6 +7,7 @@ layouts against the float64 norm of the whole (unsharded) tree, with ord 1, 2 an
 the number of all-reduces in the compiled program (one per norm, whatever the layout).
 """
 
+import functools
 import math
 
 import jax
@@ -67,16 +68,29 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(params=list(LAYOUTS), scope="module")
-def layout(request):
-  mesh, tree, specs = LAYOUTS[request.param]()
+@functools.cache
+def _built(name):
+  mesh, tree, specs = LAYOUTS[name]()
   placed = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree,
                                   specs, is_leaf=is_spec)
   return mesh, tree, placed, specs
 
 
-def _smap(mesh, fn, specs, out_specs):
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=out_specs))
+@pytest.fixture(params=list(LAYOUTS), scope="module")
+def layout(request):
+  return _built(request.param)
+
+
+# The transformations are checked on the two layouts that differ most (every leaf split over
+# its own axes; a leaf split over two axes); the norms themselves on all four.
+@pytest.fixture(params=["expert_parallel", "fsdp_tp"], scope="module")
+def two_layouts(request):
+  return _built(request.param)
+
+
+def _smap(mesh, fn, specs, out_specs, check_vma=True):
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=out_specs,
+                               check_vma=check_vma))
 
 
 @pytest.mark.parametrize("how", ["specs", "varying"])
@@ -113,8 +127,8 @@ def test_without_specs_each_device_sees_a_different_partial_norm(layout):
 
 @pytest.mark.parametrize("name", ["clip_by_global_norm", "zclip", "autoclip", "skip_nonfinite",
                                   "skip_spikes", "monitor"])
-def test_clippers_take_specs(layout, name):
-  mesh, tree, placed, specs = layout
+def test_clippers_take_specs(two_layouts, name):
+  mesh, tree, placed, specs = two_layouts
   full = float(norm64(tree))
   make = {
       "clip_by_global_norm": lambda **k: clipax.clip_by_global_norm(full / 2, **k),
@@ -159,3 +173,36 @@ def test_specs_with_axis_name_or_replicated_is_refused():
     clipax.global_norm({"w": jnp.ones(3)}, specs={"w": ("model",)})
   with pytest.raises(ValueError, match="shape"):
     clipax.global_norm({"w": jnp.ones(3)}, specs={"w": P("model", None)})
+
+
+@pytest.mark.parametrize("name", ["clip_by_leaf_norm", "clip_by_block_rms", "adagc"])
+def test_per_leaf_clippers_take_specs(two_layouts, name):
+  # each leaf clipped by its whole norm (and, for the RMS, its whole size), as on one device
+  mesh, tree, placed, specs = two_layouts
+  norms = {id(x): float(leaf_norm64(x)) for x in jax.tree_util.tree_leaves(tree)}
+  median = float(np.median(list(norms.values())))
+  make = {"clip_by_leaf_norm": lambda **k: clipax.clip_by_leaf_norm(median, **k),
+          "clip_by_block_rms": lambda **k: clipax.clip_by_block_rms(0.5, **k),
+          "adagc": lambda **k: clipax.adagc(warmup_steps=1, warmup_max_norm=median, **k)}[name]
+
+  def run(tx, fn):
+    return fn(lambda g: tx.update(g, tx.init(g), g)[0])
+
+  sharded = run(make(specs=specs), lambda f: _smap(mesh, f, specs, specs)(placed))
+  whole = run(make(), lambda f: jax.jit(f)(tree))
+  got, want = jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(whole)
+  assert any(not np.allclose(np.asarray(w), np.asarray(x)) for w, x in
+             zip(want, jax.tree_util.tree_leaves(tree), strict=True))  # something was clipped
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=3e-6, atol=1e-7)
+  # without specs, a split leaf is clipped by the norm of its local piece: another result
+  # (check_vma off: the local norms make every output vary over the mesh)
+  local = run(make(), lambda f: _smap(mesh, f, specs, specs, check_vma=False)(placed))
+  assert any(not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4)
+             for a, b in zip(jax.tree_util.tree_leaves(local), want, strict=True))
+
+
+def test_per_leaf_specs_with_layer_axis_is_refused():
+  tx = clipax.clip_by_leaf_norm(1.0, layer_axis=0, specs={"w": P()})
+  with pytest.raises(ValueError, match="layer_axis"):
+    tx.update({"w": jnp.ones((2, 3))}, tx.init({"w": jnp.ones((2, 3))}))
