@@ -13,9 +13,7 @@ from clipax._adaptive import zclip as zclip
 from clipax._agc import adaptive_grad_clip as adaptive_grad_clip
 from clipax._autoclip import AutoClipState as AutoClipState
 from clipax._autoclip import autoclip as autoclip
-from clipax._clipping import clip_by_block_rms as clip_by_block_rms
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
-from clipax._clipping import clip_by_leaf_norm as clip_by_leaf_norm
 from clipax._clipping import clip_with_norm as clip_with_norm
 from clipax._groups import GroupClipState as GroupClipState
 from clipax._groups import clip_by_group_norm as clip_by_group_norm
@@ -23,6 +21,8 @@ from clipax._groups import clip_by_subset_norm as clip_by_subset_norm
 from clipax._guards import skip_nonfinite as skip_nonfinite
 from clipax._health import Verdict as Verdict
 from clipax._health import diagnose as diagnose
+from clipax._leaf_clipping import clip_by_block_rms as clip_by_block_rms
+from clipax._leaf_clipping import clip_by_leaf_norm as clip_by_leaf_norm
 from clipax._metrics import metrics as metrics
 from clipax._monitor import monitor as monitor
 from clipax._norms import global_norm as global_norm

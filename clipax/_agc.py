@@ -17,14 +17,9 @@ from jax.typing import ArrayLike
 
 from clipax import _checks, _layers
 from clipax._checks import Nonfinite
-from clipax._clipping import (
-    _by_layer,
-    _per_leaf_clip,
-    _transformation,
-    _with_layer_init,
-    invalid_threshold,
-)
+from clipax._clipping import invalid_threshold
 from clipax._elements import ReductionAxes, UnitRule, float_leaves
+from clipax._leaf_clipping import _by_layer, _per_leaf_clip, _transformation, _with_layer_init
 from clipax._unitwise import unitwise_norms
 
 
