@@ -26,6 +26,7 @@ function ``(key_path, leaf) -> int | None``. Per-layer values kept in a state (A
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -59,10 +60,29 @@ def _static(x: Any, what: str) -> None:
     )
 
 
+def _check_function(fn: Any, what: str) -> None:
+  """A function ``layer_axis`` is called as ``fn(key_path, leaf)``: refuse one that cannot be
+  (a function of the leaf only, as AGC's ``axes`` is) before it fails inside the update."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # no signature to read (some builtins): checked when called
+    return
+  try:
+    signature.bind(None, None)
+  except TypeError:
+    raise TypeError(
+        f"{what}: a function `layer_axis` is called as layer_axis(key_path, leaf) -> int | None; "
+        f"{getattr(fn, '__name__', fn)!r} has the signature {signature}"
+    ) from None
+
+
 def check_layer_axis(layer_axis: LayerAxis, what: str = "layer_axis") -> None:
   """Construction-time check of the form of ``layer_axis`` (ranges are checked per leaf)."""
   _static(layer_axis, what)
-  if layer_axis is None or callable(layer_axis) or _is_int(layer_axis):
+  if callable(layer_axis):
+    _check_function(layer_axis, what)
+    return
+  if layer_axis is None or _is_int(layer_axis):
     return
   leaves = jax.tree_util.tree_leaves(layer_axis, is_leaf=lambda x: x is None)
   bad = [x for x in leaves if x is not None and not _is_int(x)]

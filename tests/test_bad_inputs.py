@@ -201,7 +201,9 @@ class Values:
 
   valid: tuple
   bad: tuple
-  inject: tuple = ()  # bad python numbers to give through optax.inject_hyperparams
+  # bad python numbers to give through optax.inject_hyperparams (an AtUpdate: refused at update,
+  # where the hyperparameter is traced)
+  inject: tuple = ()
 
   def valid_values(self) -> list:
     return list(self.valid)
@@ -279,6 +281,26 @@ SPECS_VALID = (None, "varying", P(), {"w": P(), "b": P()}, {"w": P(None), "b": P
 SPECS_LATE = ({"w": P()}, {"w": P(None, None, None), "b": P()}, [P(), P()])
 SPECS = Values(valid=SPECS_VALID, bad=(*SPECS_BAD, *(AtUpdate(s) for s in SPECS_LATE)))
 SPECS_NOW = Values(valid=SPECS_VALID, bad=(*SPECS_BAD, *SPECS_LATE))
+# Stacked layers (``layer_axis``): every leaf of PARAMS/GRADS has an axis 0 and -1, only "w" an
+# axis 1; the form is checked at construction, the axes against the tree once it is known.
+NO_LAYERS = _named(lambda path, x: None, "no_layers")
+LAYER_AXIS_VALID = (None, 0, -1, np.int64(0), jnp.asarray(0), {"w": 0, "b": None},
+                    {"w": None, "b": None}, NO_LAYERS,
+                    _named(lambda path, x: 0 if np.ndim(x) == 2 else None, "layers_2d"))
+LAYER_AXIS_BAD = ("0", 1.5, True, np.bool_(True), object(), jnp.asarray(0.0), jnp.asarray([0]),
+                  {"w": 1.5, "b": None}, {"w": "0", "b": None},
+                  _named(lambda x: 0, "leaf_only_fn"), _named(lambda: 0, "no_arg_fn"))
+LAYER_AXIS_LATE = (1, 2**40, {"w": 5, "b": None}, {"x": 0}, {"w": 0}, [0],
+                   _named(lambda path, x: "a", "axis_str_fn"),
+                   _named(lambda path, x: 2.5, "axis_float_fn"),
+                   _named(lambda path, x: 7, "axis_7_fn"),
+                   _named(lambda path, x: True, "axis_bool_fn"))
+# Through optax.inject_hyperparams a number becomes an array: a float is refused in init, and an
+# int, valid in init (a concrete array), is traced in update, where it must be static_args.
+LAYER_AXIS = Values(valid=LAYER_AXIS_VALID,
+                    bad=(*LAYER_AXIS_BAD, *(AtUpdate(v) for v in LAYER_AXIS_LATE)),
+                    inject=(1.5, NAN, True, AtUpdate(0)))
+LAYER_AXIS_NOW = Values(valid=LAYER_AXIS_VALID, bad=(*LAYER_AXIS_BAD, *LAYER_AXIS_LATE))
 # Label trees (optax.partition's param_labels): the base "g" labels every leaf of any tree.
 LABEL_FN = _named(lambda p: jax.tree_util.tree_map(lambda x: "m" if np.ndim(x) == 2 else "v", p),
                   "label_fn")
@@ -348,12 +370,14 @@ TARGETS = [
     Target("clip_by_value", {"max_value": 1.0},
            {"max_value": THRESHOLD, "nonfinite": NONFINITE, **NAMING}),
     Target("clip_by_leaf_norm", {"max_norm": 1.0},
-           {"max_norm": THRESHOLD, "ord": ORD, "nonfinite": NONFINITE, **NAMING}),
+           {"max_norm": THRESHOLD, "ord": ORD, "nonfinite": NONFINITE, "layer_axis": LAYER_AXIS,
+            "specs": SPECS, **NAMING}),
     Target("clip_by_block_rms", {"threshold": 1.0},
-           {"threshold": THRESHOLD, "nonfinite": NONFINITE, **NAMING}),
+           {"threshold": THRESHOLD, "nonfinite": NONFINITE, "layer_axis": LAYER_AXIS,
+            "specs": SPECS, **NAMING}),
     Target("adaptive_grad_clip", {"clipping": 0.1},
            {"clipping": THRESHOLD, "eps": Num(1e-3, low_open=True), "axes": AGC_AXES,
-            "units": UNITS, "nonfinite": NONFINITE, **NAMING}),
+            "units": UNITS, "nonfinite": NONFINITE, "layer_axis": LAYER_AXIS, **NAMING}),
     Target("zclip", {"warmup_steps": 3},
            {"alpha": Num(0.97, low_open=True, high=1.0),
             "z_threshold": Num(2.5, low_open=True),
@@ -371,8 +395,8 @@ TARGETS = [
     Target("adagc", {"warmup_steps": 3},
            {"ratio": Num(1.04, low_open=True), "beta": Num(0.99, high=1.0),
             "warmup_steps": Num(3, low=1, integer=True), "warmup_max_norm": THRESHOLD,
-            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "nonfinite": NONFINITE,
-            **NAMING}),
+            "max_norm": OPTIONAL_THRESHOLD, "axis_name": AXIS_NAME, "specs": SPECS,
+            "nonfinite": NONFINITE, "layer_axis": LAYER_AXIS, **NAMING}),
     Target("skip_nonfinite", {"inner": SGD},
            {"inner": INNER, "max_consecutive": Num(2, integer=True, optional=True),
             "axis_name": AXIS_NAME, "specs": SPECS, **NAMING}),
@@ -428,7 +452,7 @@ TARGETS = [
            transform=False, batteries=("tree",)),
     Target("leaf_norms", {"tree": GRADS},
            {"ord": ORD, "axis_name": AXIS_NAME_OUTSIDE_SHARD_MAP, "replicated": REPLICATED_NOW,
-            "specs": SPECS_NOW},
+            "specs": SPECS_NOW, "layer_axis": LAYER_AXIS_NOW},
            transform=False, batteries=("tree",)),
     Target("unitwise_norms", {"tree": GRADS}, {"axes": UNITWISE_AXES, "units": UNITS},
            transform=False, batteries=("tree",)),
@@ -718,25 +742,33 @@ def _inject_cases() -> list[Case]:
     for arg, spec in target.args.items():
       if not hasattr(spec, "inject_values"):
         continue
-      for value in spec.inject_values():
+      for item in spec.inject_values():
+        late = isinstance(item, AtUpdate)  # only the update (with traced hyperparameters) knows
+        value = item.value if late else item
         kwargs = {**target.base, arg: value}
         factory = optax.inject_hyperparams(target.fn)
         cases.append(Case(
-            id=f"inject_hyperparams({target.name})-{arg}={short(value)}",
+            id=f"inject_hyperparams({target.name})-{arg}={short(item)}",
             call=call_text(target, arg, value, f"optax.inject_hyperparams(clipax.{target.name})"),
-            run=lambda t=target, kw=kwargs, f=factory: attempt(t, kw, factory=f, update=False),
+            run=lambda t=target, kw=kwargs, f=factory, u=late: attempt(t, kw, factory=f, update=u),
             expect=(f"`{arg}`",),
+            allowed="update" if late else "init",
         ))
   return cases
 
 
 # Bad values of one argument that only another argument makes bad, and values whose error names
 # an entry (``max_norm['g']``) rather than the argument: (target, kwargs, words the error must
-# hold); each is run through build, init and update like a swept value.
+# hold); each is run through build, init and update like a swept value (kwargs in an AtUpdate:
+# the error may come at update).
 COMBINATIONS = [
     *((name, {"specs": {"w": P(), "b": P()}, "axis_name": "i"}, ("`specs`", "axis_name"))
-      for name in ("clip_by_global_norm", "zclip", "autoclip", "skip_nonfinite", "skip_spikes",
-                   "monitor", "global_norm", "leaf_norms")),
+      for name in ("clip_by_global_norm", "zclip", "autoclip", "adagc", "skip_nonfinite",
+                   "skip_spikes", "monitor", "global_norm", "leaf_norms")),
+    # the specs describe the stacked leaves, not their layers: refused by the per-leaf clippers
+    *((name, AtUpdate({"specs": specs, "layer_axis": axis}), ("`specs`", "`layer_axis`"))
+      for name in ("clip_by_leaf_norm", "clip_by_block_rms", "adagc")
+      for specs, axis in [({"w": P(), "b": P()}, 0), ("varying", NO_LAYERS)]),
     *((name, {"specs": "varying", "replicated": True}, ("`specs`", "replicated"))
       for name in ("clip_by_global_norm", "monitor", "global_norm", "leaf_norms")),
     ("clip_per_example", {"max_norm": INF, "normalize": True}, ("`max_norm`", "inf")),
@@ -759,7 +791,9 @@ COMBINATIONS = [
 
 def _combination_cases() -> list[Case]:
   cases = []
-  for name, extra, expect in COMBINATIONS:
+  for name, item, expect in COMBINATIONS:
+    late = isinstance(item, AtUpdate)
+    extra = item.value if late else item
     target = BY_NAME[name]
     kwargs = {**target.base, **extra}
     shown = ", ".join(f"{k}={short(v)}" for k, v in kwargs.items())
@@ -768,6 +802,7 @@ def _combination_cases() -> list[Case]:
         call=f"clipax.{name}({shown})" + (".init(params)" if target.transform else ""),
         run=lambda t=target, kw=kwargs: attempt(t, kw),
         expect=expect,
+        allowed="update" if late else "init",
     ))
   return cases
 
