@@ -206,7 +206,7 @@ def adagc(
   _check_max_norm(max_norm)
   _checks.nonfinite(nonfinite)
   _checks.axis_name(axis_name)
-  check_specs(specs, axis_name)
+  check_specs(specs, axis_name, layer_axis=layer_axis)
   check_leaf_metrics(leaf_metrics)
   _layers.check_layer_axis(layer_axis, "adagc")
 

@@ -187,7 +187,7 @@ def clip_by_leaf_norm(
   _checks.threshold("max_norm", max_norm)
   _checks.nonfinite(nonfinite)
   _layers.check_layer_axis(layer_axis, "clip_by_leaf_norm")
-  check_specs(specs)
+  check_specs(specs, layer_axis=layer_axis)
   ord = canonical_ord(ord)
 
   def clip_fn(updates, params):
@@ -254,7 +254,7 @@ def clip_by_block_rms(
   _checks.threshold("threshold", threshold)
   _checks.nonfinite(nonfinite)
   _layers.check_layer_axis(layer_axis, "clip_by_block_rms")
-  check_specs(specs)
+  check_specs(specs, layer_axis=layer_axis)
 
   def clip_fn(updates, params):
     del params

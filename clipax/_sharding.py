@@ -168,11 +168,18 @@ def _count_once(sums: jax.Array, axis_name: AxisName, replicated: Sequence | Non
 _VARYING = "varying"
 
 
-def check_specs(specs: Specs, axis_name: AxisName = None, replicated: Replicated = None) -> None:
+def check_specs(
+    specs: Specs, axis_name: AxisName = None, replicated: Replicated = None,
+    layer_axis: Any = None,
+) -> None:
   """Construction-time check of ``specs``: ``None``, ``"varying"`` or a pytree of
-  ``PartitionSpec``; never together with ``axis_name`` or ``replicated``."""
+  ``PartitionSpec``; never together with ``axis_name``, ``replicated`` or ``layer_axis``."""
   if specs is None:
     return
+  if layer_axis is not None:
+    raise ValueError("`specs` with `layer_axis` is not supported (the specs describe the stacked "
+                     "leaves, not their layers); under plain `jit` sharded stacked leaves need "
+                     f"neither (got layer_axis={layer_axis!r})")
   if axis_name is not None or replicated is not None:
     raise ValueError(
         "`specs` gives the mesh axes of every leaf; pass it instead of `axis_name` and "

@@ -766,7 +766,7 @@ COMBINATIONS = [
       for name in ("clip_by_global_norm", "zclip", "autoclip", "adagc", "skip_nonfinite",
                    "skip_spikes", "monitor", "global_norm", "leaf_norms")),
     # the specs describe the stacked leaves, not their layers: refused by the per-leaf clippers
-    *((name, AtUpdate({"specs": specs, "layer_axis": axis}), ("`specs`", "`layer_axis`"))
+    *((name, {"specs": specs, "layer_axis": axis}, ("`specs`", "`layer_axis`"))
       for name in ("clip_by_leaf_norm", "clip_by_block_rms", "adagc")
       for specs, axis in [({"w": P(), "b": P()}, 0), ("varying", NO_LAYERS)]),
     *((name, {"specs": "varying", "replicated": True}, ("`specs`", "replicated"))

@@ -203,6 +203,8 @@ def test_per_leaf_clippers_take_specs(two_layouts, name):
 
 
 def test_per_leaf_specs_with_layer_axis_is_refused():
-  tx = clipax.clip_by_leaf_norm(1.0, layer_axis=0, specs={"w": P()})
+  for make in (clipax.clip_by_leaf_norm, clipax.clip_by_block_rms):
+    with pytest.raises(ValueError, match="layer_axis"):
+      make(1.0, layer_axis=0, specs={"w": P()})
   with pytest.raises(ValueError, match="layer_axis"):
-    tx.update({"w": jnp.ones((2, 3))}, tx.init({"w": jnp.ones((2, 3))}))
+    clipax.adagc(layer_axis=0, specs={"w": P()})
