@@ -15,6 +15,7 @@ from clipax._autoclip import AutoClipState as AutoClipState
 from clipax._autoclip import autoclip as autoclip
 from clipax._clipping import clip_by_global_norm as clip_by_global_norm
 from clipax._clipping import clip_with_norm as clip_with_norm
+from clipax._clippy import clippy as clippy
 from clipax._groups import GroupClipState as GroupClipState
 from clipax._groups import clip_by_group_norm as clip_by_group_norm
 from clipax._groups import clip_by_subset_norm as clip_by_subset_norm
@@ -41,7 +42,6 @@ from clipax._suggest import suggest_max_norm as suggest_max_norm
 from clipax._unitwise import unitwise_norms as unitwise_norms
 from clipax._update_clip import UpdateClipState as UpdateClipState
 from clipax._update_clip import clip_update_rms as clip_update_rms
-from clipax._update_clip import clippy as clippy
 from clipax._update_clip import stable_adamw as stable_adamw
 from clipax._value import clip_by_value as clip_by_value
 

@@ -347,8 +347,10 @@ def test_microbatched_equals_per_example_clip_of_vmapped_grads():
     fn = jax.jit(clipax.per_example_clipped_grad(_loss, 50.0, microbatch_size=mb,
                                                  reduce="mean"))
     out, info = fn(PARAMS, x, y, mask=mask)
+    # another summation order (microbatches, one fused program): terms of size ~1 cancel to
+    # ~1e-2 elements, so a few float32 ulps of the terms
     jax.tree_util.tree_map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5,
-                                                                   atol=1e-6), out, expected)
+                                                                   atol=1e-5), out, expected)
     for field in ("examples", "clipped", "nonfinite"):
       assert int(getattr(info, field)) == int(getattr(expected_info, field)), (mb, field)
     for field in ("mean_norm", "max_norm", "min_scale"):
