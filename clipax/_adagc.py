@@ -28,7 +28,7 @@ from clipax._clipping import action, combine_norms, scale_for
 from clipax._elements import AxisName, Specs, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics
 from clipax._norms import _leafwise
-from clipax._sharding import check_specs, per_leaf_layout
+from clipax._sharding import check_specs, layout
 from clipax._state import add_count, applied_norm, init_base, named, record, register_state
 
 
@@ -241,7 +241,7 @@ def adagc(
       _layers.check_values(stacking, old, "gamma", "adagc")
       leaves = stacked if stacking is None else stacking.split(stacked)
       old = old if stacking is None else stacking.split_values(old)
-      axes, rep = per_leaf_layout(updates, axis_name, specs, layer_axis, "adagc")
+      axes, rep = layout(updates, axis_name, None, specs, "adagc")
       norms = [n.astype(dt) for n in _leafwise(leaves, 2, axes, rep)]
       global_n = combine_norms(norms, 2).astype(dt) if norms else jnp.zeros([], dt)
       invalid = _checks.any_of(

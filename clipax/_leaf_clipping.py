@@ -20,7 +20,7 @@ from clipax._clipping import Action, action, combine_norms, invalid_threshold, s
 from clipax._elements import Specs, by_ord, canonical_ord, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms
 from clipax._norms import _leafwise
-from clipax._sharding import check_specs, global_sizes, per_leaf_layout
+from clipax._sharding import check_specs, global_sizes, layout
 from clipax._state import applied_norm, clip_state, init_clip_state, named, record, stat_dtype
 
 
@@ -193,7 +193,7 @@ def clip_by_leaf_norm(
   def clip_fn(updates, params):
     del params
     leaves = float_leaves(updates, "clip_by_leaf_norm")
-    axes, rep = per_leaf_layout(updates, None, specs, layer_axis, "clip_by_leaf_norm")
+    axes, rep = layout(updates, None, None, specs, "clip_by_leaf_norm")
     norms = by_ord(ord, lambda o: _leafwise(leaves, o, axes, rep))
     return _per_leaf_clip(
         updates, norms, [max_norm] * len(norms), nonfinite, ord, invalid_threshold(max_norm)
@@ -259,13 +259,10 @@ def clip_by_block_rms(
   def clip_fn(updates, params):
     del params
     leaves = float_leaves(updates, "clip_by_block_rms")
-    axes, rep = per_leaf_layout(updates, None, specs, layer_axis, "clip_by_block_rms")
+    axes, rep = layout(updates, None, None, specs, "clip_by_block_rms")
     norms = _leafwise(leaves, 2, axes, rep)
-    sizes = [x.size for x in leaves] if specs is None else global_sizes(
-        updates, specs, "clip_by_block_rms")
-    limits = [jnp.asarray(threshold, jnp.float32) * (math.sqrt(n) if isinstance(n, int)
-                                                     else jnp.sqrt(jnp.float32(n)))
-              for n in sizes]
+    limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(n)
+              for n in global_sizes(updates, specs, "clip_by_block_rms")]
     return _per_leaf_clip(updates, norms, limits, nonfinite, 2, invalid_threshold(threshold))
 
   clip_fn = _by_layer(clip_fn, layer_axis, "clip_by_block_rms")

@@ -8,6 +8,7 @@ Without it the sums are local (under plain ``jit`` GSPMD makes them global).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -271,30 +272,11 @@ def layout(
   return names, [tuple(a for a in names if a not in leaf) for leaf in axes]
 
 
-def per_leaf_layout(
-    tree: Any, axis_name: AxisName, specs: Specs, layer_axis: Any, what: str,
-) -> tuple[AxisName, list | None]:
-  """``(axis_name, replicated)`` for a per-leaf clipper's ``_leafwise`` call: ``axis_name``
-  alone, or derived from ``specs`` (:func:`layout`). ``specs`` with ``layer_axis`` is refused
-  (the specs describe the stacked leaves, not their layers)."""
-  if specs is None:
-    return axis_name, None
-  if layer_axis is not None:
-    raise ValueError(f"{what}: `specs` with `layer_axis` is not supported; under plain `jit` "
-                     "sharded stacked leaves need neither")
-  return layout(tree, axis_name, None, specs, what)
-
-
-def global_sizes(tree: Any, specs: Specs, what: str) -> list[int | jax.Array]:
+def global_sizes(tree: Any, specs: Specs, what: str) -> list[int]:
   """Each leaf's number of elements over the whole mesh: its local size times the sizes of the
-  mesh axes ``specs`` splits it over (inside ``shard_map``)."""
+  mesh axes ``specs`` splits it over (inside ``shard_map``; without ``specs``, its size)."""
   leaves = jax.tree_util.tree_leaves(tree)
   if specs is None:
-    return [jnp.size(x) for x in leaves]
-  out: list[int | jax.Array] = []
-  for x, axes in zip(leaves, sharded_axes(tree, specs, what), strict=True):
-    n: int | jax.Array = jnp.size(x)
-    for a in axes:
-      n = n * lax.axis_size(a)
-    out.append(n)
-  return out
+    return [int(jnp.size(x)) for x in leaves]
+  return [int(jnp.size(x)) * math.prod(lax.axis_size(a) for a in axes)
+          for x, axes in zip(leaves, sharded_axes(tree, specs, what), strict=True)]
