@@ -89,6 +89,18 @@ def reference_loss(params, x, y):
   return jnp.mean((out - y) ** 2)
 
 
+def sharded_step(tx, state, mesh):
+  """One jitted ``shard_map`` train step for ``tx``. Its state's specs: Adam's moments follow the
+  parameters; everything else (the clipper's scalars and counters) is the same on every device."""
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+  specs = jax.tree.map(
+      lambda s: optax.ScaleByAdamState(count=P(), mu=SPECS, nu=SPECS) if is_adam(s) else P(),
+      state, is_leaf=is_adam)
+  return jax.jit(jax.shard_map(
+      lambda p, s, x, y: _step(tx, p, s, x, y), mesh=mesh,
+      in_specs=(SPECS, specs, P(), P()), out_specs=(SPECS, specs, P(), SPECS)))
+
+
 def _step(tx, params, state, x, y):
   loss, grads = jax.value_and_grad(local_loss)(params, x, y)
   updates, state = tx.update(grads, state, params)
@@ -110,12 +122,7 @@ def main(argv=None) -> list[dict]:
   tx = optax.chain(clipax.clip_by_global_norm(max_norm, specs=SPECS, name="moe"),
                    optax.adam(1e-2))
   state = tx.init(params)
-  # The clipper's state is scalars (the same on every device); Adam's moments follow the params.
-  state_specs = (jax.tree.map(lambda _: P(), state[0]),
-                 (optax.ScaleByAdamState(count=P(), mu=SPECS, nu=SPECS), optax.EmptyState()))
-  step = jax.jit(jax.shard_map(
-      lambda p, s, x, y: _step(tx, p, s, x, y), mesh=mesh,
-      in_specs=(SPECS, state_specs, P(), P()), out_specs=(SPECS, state_specs, P(), SPECS)))
+  step = sharded_step(tx, state, mesh)
   reference = jax.jit(jax.value_and_grad(reference_loss))
 
   rows = []
@@ -135,13 +142,7 @@ def main(argv=None) -> list[dict]:
 
   def all_reduces(t):
     init = t.init(params)
-    specs = jax.tree.map(lambda _: P(), init[0]), (optax.ScaleByAdamState(P(), SPECS, SPECS),
-                                                   optax.EmptyState())
-    specs = specs[1] if isinstance(init[0], optax.ScaleByAdamState) else specs
-    fn = jax.jit(jax.shard_map(lambda p, s, x, y: _step(t, p, s, x, y), mesh=mesh,
-                               in_specs=(SPECS, specs, P(), P()),
-                               out_specs=(SPECS, specs, P(), SPECS)))
-    hlo = fn.lower(params, init, x, y).compile().as_text()
+    hlo = sharded_step(t, init, mesh).lower(params, init, x, y).compile().as_text()
     return re.findall(r"= (\S+) all-reduce(?:-start)?\(", hlo)
 
   with_clip, without = all_reduces(tx), all_reduces(optax.adam(1e-2))
