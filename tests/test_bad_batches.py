@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _compile import OPTIMIZED
 
 import clipax
 
@@ -150,7 +151,8 @@ def runs() -> dict[str, Run]:
   """Every arm, trained in one compiled program: one compilation of all arms takes about half
   the time of one compilation per arm."""
   txs = {arm: make() for arm, make in ARMS.items()}
-  train_all = jax.jit(lambda *args: {arm: train(tx, *args) for arm, tx in txs.items()})
+  train_all = jax.jit(lambda *args: {arm: train(tx, *args) for arm, tx in txs.items()},
+                      compiler_options=OPTIMIZED)
   out = train_all(initial_params(), *data())
   def outer(d):  # "clip/<outermost name>/<metric>" -> "<metric>"
     name = next(iter(d)).split("/")[1] if d else None
