@@ -316,10 +316,14 @@ def test_metrics_read_every_form_of_the_state(case, tmp_path):
   if case.kind == "clip":
     tx = optax.chain(tx, optax.sgd(0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  for scale in (1.0, 50.0, float("nan")):
-    grads = jax.tree_util.tree_map(lambda x, s=scale: jnp.full_like(x, s),
-                                   nnx.state(model, nnx.Param))
+
+  @nnx.jit  # one program for the three steps (eager, each of its ops compiles on its own)
+  def step(model, optimizer, scale):
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, scale), nnx.state(model, nnx.Param))
     optimizer.update(model, grads)
+
+  for scale in (1.0, 50.0, float("nan")):
+    step(model, optimizer, jnp.float32(scale))
   want = {k: np.asarray(v) for k, v in clipax.metrics(optimizer.opt_state).items()}
   assert want and int(want[next(k for k in want if k.endswith("nonfinite_count"))]) == 1
   with ocp.StandardCheckpointer() as ckpt:
