@@ -208,9 +208,8 @@ def _train_arm(config: Config, arm: str, seed: int, batches, progress: bool, des
   tx = make_tx(config, arm)
   opt_state = tx.init(params)
   update = _updater(tx)
-  # numpy: a step's batch is sliced on the host (one transfer into the jitted step), not by an
-  # eager slice of a device array per step (2 of the quick demo's 23 s)
-  tokens, scale = np.asarray(tokens), np.asarray(scale)
+  # tokens and scale stay numpy (make_batches): a step's batch is sliced on the host and moved
+  # into the jitted step, not cut from a device array by an eager slice per step
   losses, norms, history = [], [], []
   for t in _common.progress_bar(range(config.steps), enabled=progress, desc=desc):
     ce, grads, norm = _grads(
