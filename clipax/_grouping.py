@@ -7,8 +7,9 @@ reduction that reads it, so the concatenated buffer is never written, *as long a
 stays under its operand limit*: seen on the H100 target (jaxlib 0.10.2), concatenations of up
 to 80 leaves fuse and those of 96 or more are materialised first (a 480 MB temporary buffer for
 the 100M-parameter tree). Groups of at most :data:`GPU_GROUP` = 64 leaves keep a margin for the
-three sums of the overflow rescue; the benchmark tree's norm then takes 15 kernels and its
-per-leaf norms 16 (``benchmarks/compiled.py``), each gradient still read once.
+three sums of the overflow rescue; the benchmark tree's norm then takes 15 kernels, its
+per-leaf norms 16 and AGC's unit-wise norms of gradients and parameters 21 together (against 412
+one leaf at a time; ``benchmarks/compiled.py``), each gradient still read once.
 
 The TPU is different: it writes a concatenated buffer first, so there the leaves are reduced one
 by one (``_platform._blocks``) and nothing here is used. Leaves that a mesh may shard (GSPMD) are
@@ -77,6 +78,35 @@ def gpu_leaf_reduce(
       sums = reduce(stack, tuple(range(1, stack.ndim)))
       for k, i in enumerate(part):
         out[i] = sums[k]
+  return out  # type: ignore[return-value]
+
+
+def gpu_unit_reduce(
+    leaves: Sequence[jax.Array],
+    axes: Sequence[tuple[int, ...]],
+    reduce: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+    sharded: Callable[[jax.Array], bool],
+) -> list[jax.Array]:
+  """``[reduce(x, a) for x, a in zip(leaves, axes)]`` (``reduce`` keeps the reduced axes as size
+  1: per-unit norms), computed on a GPU over stacks of local leaves of one shape, dtype and
+  ``axes`` (at most :data:`GPU_GROUP` per stack), so that XLA fuses each stack into one reduction
+  instead of one per leaf. Leaves for which ``sharded(x)``, and one-element leaves, alone."""
+  out: list[jax.Array | None] = [None] * len(leaves)
+  groups: dict[tuple, list[int]] = {}
+  for i, (x, a) in enumerate(zip(leaves, axes, strict=True)):
+    if sharded(x) or x.size <= 1:
+      out[i] = reduce(x, a)
+    else:
+      groups.setdefault((x.shape, x.dtype, a), []).append(i)
+  for ids in groups.values():
+    for start in range(0, len(ids), GPU_GROUP):
+      part = ids[start : start + GPU_GROUP]
+      if len(part) == 1:
+        out[part[0]] = reduce(leaves[part[0]], axes[part[0]])
+        continue
+      stacked = reduce(jnp.stack([leaves[i] for i in part]), tuple(d + 1 for d in axes[part[0]]))
+      for k, i in enumerate(part):
+        out[i] = stacked[k]
   return out  # type: ignore[return-value]
 
 

@@ -8,7 +8,7 @@ norm in :mod:`clipax._norms`, whose private pieces it reuses.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, get_args
 
 import jax
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipax import _checks
+from clipax import _checks, _platform
 from clipax._elements import (
     ReductionAxes,
     UnitRule,
@@ -26,7 +26,8 @@ from clipax._elements import (
     _root,
     float_leaves,
 )
-from clipax._platform import _CPU_CHUNK, _CPU_CHUNKED, _by_platform, _cpu_sum
+from clipax._grouping import gpu_unit_reduce
+from clipax._platform import _CPU_CHUNK, _CPU_CHUNKED, _cpu_sum
 from clipax._rescue import _needs_rescue, _pick_sum, _rescue_factor, _scaled_powers
 
 
@@ -102,10 +103,9 @@ def _cpu_unit_sum(
   return total.reshape((1,) * k_axes + x.shape[k_axes:])
 
 
-def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+def _unitwise(x: jax.Array, axes: tuple[int, ...], cpu: bool) -> jax.Array:
   """Per-unit L2 norms of one leaf, with the overflow rescue of :func:`clipax._rescue._exact_root`:
-  a ``lax.cond`` on the CPU, the three sums and a select on GPU/TPU."""
-  axes = tuple(a % x.ndim for a in axes) if x.ndim else ()
+  a ``lax.cond`` on the CPU (``cpu``), the three sums and a select on the TPU."""
 
   def unit_sum(y):
     return jnp.sum(y, axis=axes, keepdims=True)
@@ -124,7 +124,20 @@ def _unitwise(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     sums = [unit_sum(f(x)) for f in _scaled_powers(_accum_dtype(x.dtype), 2)]
     return _pick_sum(*sums, 2)
 
-  return _by_platform(with_cond, branch_free, lambda: _scaled_ssq(x, axes))
+  return with_cond() if cpu else branch_free()
+
+
+def _tree_unitwise(leaves: list[jax.Array], axes: list[tuple[int, ...]]) -> list[jax.Array]:
+  """Per-unit norms of every leaf, in the program of the platform compiled for: per leaf on the
+  CPU and the TPU; on a GPU one :func:`_scaled_ssq` per stack of same-shape leaves
+  (:func:`clipax._grouping.gpu_unit_reduce`), a few kernels for the whole tree."""
+  def per_leaf(cpu):
+    return [_unitwise(x, a, cpu) for x, a in zip(leaves, axes, strict=True)]
+
+  def gpu():
+    return gpu_unit_reduce(leaves, axes, _scaled_ssq, _platform._maybe_sharded)
+
+  return _platform._by_platform(lambda: per_leaf(True), lambda: per_leaf(False), gpu)
 
 
 def _scaled_ssq(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -212,4 +225,4 @@ def unitwise_norms(tree: Any, *, axes: ReductionAxes = None, units: UnitRule = "
     chosen = unit_axes(x, units, path) if axes is None else axes(x)
     reduce.append(_checked_axes(chosen, x, path))
   with jax.named_scope("clipax/unitwise_norms"):
-    return treedef.unflatten([_unitwise(x, a) for x, a in zip(leaves, reduce, strict=True)])
+    return treedef.unflatten(_tree_unitwise(leaves, reduce))
