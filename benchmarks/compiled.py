@@ -281,8 +281,6 @@ KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree
     ("h100", "sharded", "zclip"): {"reads_max": 2, "kernels_ratio": 1.1},
     ("h100", "sharded", "skip_spikes"): {"reads_max": 2, "kernels_ratio": 1.1},
     ("h100", "sharded", "spam"): {"reads_max": 2, "kernels_ratio": 1.25},
-    # The spike count is its own kernel on the TPU, a third read of each gradient.
-    ("tpu", "spam"): {"reads_max": 3, "kernels_ratio": 1.6},
     # Concatenating the seven per-leaf partial results costs ~13 kernels over optax.clip's 202.
     ("h100", "clip_by_value_elementwise"): {"reads_max": 1, "kernels_ratio": 1.0,
                                             "kernels_extra": 24},

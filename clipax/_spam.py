@@ -213,6 +213,27 @@ def _cap(dtype: jnp.dtype) -> float:
   return float(jnp.finfo(dtype).max) / 4
 
 
+# A count summed in float32 is exact while every partial sum stays below 2**24.
+_EXACT_F32 = 1 << 24
+
+
+def _count(mask: jax.Array) -> jax.Array:
+  """The number of True elements of ``mask``, int32, exactly.
+
+  Summed in float32, which the TPU fuses into the kernel that computes ``mask`` (the moment
+  update), where an int32 sum is a kernel of its own that reads every gradient a third time;
+  exact because no partial sum exceeds the leaf's size. A leaf of more than 2**24 elements is
+  summed along its last axis in float32 first, the row counts then in int32 (or, when even its
+  rows are that long, in int32 only).
+  """
+  if mask.size <= _EXACT_F32:
+    return jnp.sum(mask, dtype=jnp.float32).astype(jnp.int32)
+  if mask.ndim >= 2 and mask.shape[-1] <= _EXACT_F32:
+    rows = jnp.sum(mask, axis=-1, dtype=jnp.float32).astype(jnp.int32)
+    return jnp.sum(rows, dtype=jnp.int32)
+  return jnp.sum(mask, dtype=jnp.int32)
+
+
 def _overflows(grads: list, raw: jax.Array, scale: jax.Array) -> jax.Array:
   """True when an element of the gradient scaled by ``scale`` could square to inf in its moment
   dtype, decided from norms alone, before the element-wise pass.
@@ -457,7 +478,7 @@ def spam(
       new_mu.append(jnp.where(bad, m, m_new))
       new_nu.append(jnp.where(bad, v, v_new))
       outs.append(jnp.where(bad, jnp.zeros([], g.dtype), u.astype(g.dtype)))
-      counts.append(jnp.sum(spike, dtype=jnp.int32))
+      counts.append(_count(spike))
     spikes = sum(counts, jnp.zeros([], jnp.int32))
 
     skip = bad & ~invalid

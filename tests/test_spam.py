@@ -14,7 +14,7 @@ from _keys import field
 from _refs import as64
 
 import clipax
-from clipax._spam import warmup_scale
+from clipax._spam import _count, warmup_scale
 
 RTOL = 1e-5
 
@@ -309,3 +309,15 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted():
   assert np.isnan(float(field(m, "norm")))
   out, state = update({"w": jnp.array([0.5, -3.0])}, state, params)
   assert np.all(np.isfinite(np.asarray(out["w"]))) and int(state.count) == 2
+
+
+@pytest.mark.parametrize(
+    "shape,off", [((1000, 7), 3), ((4097, 4096), 4095), (((1 << 24) + 1,), 0)])
+def test_spike_count_is_exact_past_float32_integers(shape, off):
+  # float32 counts fuse into the moment update on the TPU; past 2**24 elements a float32 total
+  # would round (2**24 + 1 is not a float32), so large leaves are counted by rows or in int32
+  mask = np.ones(shape, bool)
+  mask.reshape(-1)[:off] = False
+  got = jax.jit(_count)(jnp.asarray(mask))
+  assert got.dtype == jnp.int32
+  assert int(got) == mask.size - off
