@@ -278,8 +278,6 @@ KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree
     ("h100", "sharded", "clip_by_block_rms"): {"reads_max": 2, "kernels_ratio": 1.7},
     ("h100", "sharded", "adagc"): {"reads_max": 2, "kernels_ratio": 2.5},
     ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 2.0},
-    ("h100", "sharded", "zclip"): {"reads_max": 2, "kernels_ratio": 1.1},
-    ("h100", "sharded", "skip_spikes"): {"reads_max": 2, "kernels_ratio": 1.1},
     ("h100", "sharded", "spam"): {"reads_max": 2, "kernels_ratio": 1.25},
     # Concatenating the seven per-leaf partial results costs ~13 kernels over optax.clip's 202.
     ("h100", "clip_by_value_elementwise"): {"reads_max": 1, "kernels_ratio": 1.0,

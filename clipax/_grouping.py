@@ -117,8 +117,20 @@ def gpu_sums(b: jax.Array, fns: Sequence[Callable], dtype) -> list[jax.Array]:
   left to itself XLA:GPU splits each of the sums of a large leaf into a row kernel and a scalar
   kernel of its own (three sums: four kernels more per leaf). Stacking the row results of one
   leaf moves no data between devices: they share the leaf's sharding."""
-  if b.ndim < 2 or b.size < ROWS_FIRST:
+  if not rows_first(b):
     return [jnp.sum(f(b)).astype(dtype) for f in fns]
-  rows = jnp.stack([jnp.sum(f(b).astype(dtype), axis=-1) for f in fns])
-  totals = jnp.sum(rows, axis=tuple(range(1, rows.ndim)))
+  totals = gpu_row_sums(b, fns, dtype)
   return [totals[i] for i in range(len(fns))]
+
+
+def rows_first(b: jax.Array) -> bool:
+  """Whether :func:`gpu_sums` reduces ``b`` (a leaf kept whole) over its last axis first."""
+  return b.ndim >= 2 and b.size >= ROWS_FIRST
+
+
+def gpu_row_sums(b: jax.Array, fns: Sequence[Callable], dtype) -> jax.Array:
+  """The sums of :func:`gpu_sums` for a ``b`` reduced by rows first, as one ``(len(fns),)``
+  vector: a caller that adds the sums of many leaves adds these vectors, rather than slicing
+  each into scalars (on the sharded benchmark tree that slicing cost 11 kernels of its own)."""
+  rows = jnp.stack([jnp.sum(f(b).astype(dtype), axis=-1) for f in fns])
+  return jnp.sum(rows, axis=tuple(range(1, rows.ndim)))

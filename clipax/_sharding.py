@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec
 
 from clipax import _platform, _rescue
 from clipax._elements import AxisName, Replicated, Specs
-from clipax._grouping import gpu_blocks, gpu_sums
+from clipax._grouping import gpu_blocks, gpu_row_sums, gpu_sums, rows_first
 
 
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -114,8 +114,11 @@ def _sum_shards(
       per_block = [_rescue._variadic_sums(b, fns, dtype) for b in blocks]
       return jnp.stack([_total([p[i] for p in per_block], dtype, jnp.sum) for i in range(len(fns))])
     if gpu:
-      per_block = [gpu_sums(b, fns, dtype) for b in blocks]
-      return jnp.stack([_total([p[i] for p in per_block], dtype, jnp.sum) for i in range(len(fns))])
+      # the leaves reduced by rows first add up as vectors of their sums (see gpu_row_sums)
+      large = [gpu_row_sums(b, fns, dtype) for b in blocks if rows_first(b)]
+      small = [gpu_sums(b, fns, dtype) for b in blocks if not rows_first(b)]
+      total = jnp.stack([_total([p[i] for p in small], dtype, jnp.sum) for i in range(len(fns))])
+      return total + jnp.sum(jnp.stack(large), axis=0) if large else total
     return jnp.stack([_total([block_sum(b, f) for b in blocks], dtype, jnp.sum) for f in fns])
 
   if axis_name is None or not replicated or not any(replicated):

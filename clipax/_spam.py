@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from clipax import _checks
+from clipax import _checks, _platform
 from clipax._norms import global_norm
 from clipax._state import _value, add_count, named, register_state, stat_dtype
 
@@ -218,13 +218,10 @@ _EXACT_F32 = 1 << 24
 
 
 def _count(mask: jax.Array) -> jax.Array:
-  """The number of True elements of ``mask``, int32, exactly.
-
-  Summed in float32, which the TPU fuses into the kernel that computes ``mask`` (the moment
-  update), where an int32 sum is a kernel of its own that reads every gradient a third time;
-  exact because no partial sum exceeds the leaf's size. A leaf of more than 2**24 elements is
-  summed along its last axis in float32 first, the row counts then in int32 (or, when even its
-  rows are that long, in int32 only).
+  """The number of True elements of ``mask``, int32, exactly, summed in float32 (see
+  :func:`_spike_count`): exact because no partial sum exceeds the leaf's size. A leaf of more
+  than 2**24 elements is summed along its last axis in float32 first, the row counts then in
+  int32 (or, when even its rows are that long, in int32 only).
   """
   if mask.size <= _EXACT_F32:
     return jnp.sum(mask, dtype=jnp.float32).astype(jnp.int32)
@@ -232,6 +229,18 @@ def _count(mask: jax.Array) -> jax.Array:
     rows = jnp.sum(mask, axis=-1, dtype=jnp.float32).astype(jnp.int32)
     return jnp.sum(rows, dtype=jnp.int32)
   return jnp.sum(mask, dtype=jnp.int32)
+
+
+def _spike_count(masks: list[jax.Array]) -> jax.Array:
+  """The number of True elements in ``masks``, int32. The TPU fuses a float32 sum into the
+  kernel that computes a mask (the moment update), where an int32 sum is a kernel of its own
+  that reads every gradient a third time, so there each mask is counted by :func:`_count`;
+  elsewhere in int32 (on an H100 sharded over 8 devices the float32 sums cost 60 kernels more)."""
+  def total(count):
+    return sum((count(m) for m in masks), jnp.zeros([], jnp.int32))
+
+  int32 = lambda: total(lambda m: jnp.sum(m, dtype=jnp.int32))  # noqa: E731
+  return _platform._by_platform(int32, lambda: total(_count), int32)
 
 
 def _overflows(grads: list, raw: jax.Array, scale: jax.Array) -> jax.Array:
@@ -464,7 +473,7 @@ def spam(
 
     leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
     wd = None if no_decay else lr * jnp.asarray(weight_decay, _F32)
-    new_mu, new_nu, outs, counts = [], [], [], []
+    new_mu, new_nu, outs, masks = [], [], [], []
     for g, m, v, p in zip(grads, mus, nus, leaves, strict=True):
       g = jnp.asarray(g)
       if g.size == 0:  # nothing to update; the state holds a 0-d placeholder
@@ -478,8 +487,8 @@ def spam(
       new_mu.append(jnp.where(bad, m, m_new))
       new_nu.append(jnp.where(bad, v, v_new))
       outs.append(jnp.where(bad, jnp.zeros([], g.dtype), u.astype(g.dtype)))
-      counts.append(_count(spike))
-    spikes = sum(counts, jnp.zeros([], jnp.int32))
+      masks.append(spike)
+    spikes = _spike_count(masks)
 
     skip = bad & ~invalid
     keep = lambda new, old: jnp.where(bad, old, new)  # noqa: E731

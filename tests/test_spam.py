@@ -321,3 +321,28 @@ def test_spike_count_is_exact_past_float32_integers(shape, off):
   got = jax.jit(_count)(jnp.asarray(mask))
   assert got.dtype == jnp.int32
   assert int(got) == mask.size - off
+
+
+def test_spike_count_on_the_tpu_path_equals_the_cpu_path(monkeypatch):
+  # The TPU's program counts each leaf's spikes in float32 (_count); forced here on the CPU.
+  from clipax import _platform
+
+  rng = np.random.default_rng(7)
+  grads = jnp.asarray(rng.normal(size=(30, 2, 64)), jnp.float32)
+  grads = grads.at[25, :, :5].multiply(1e4)  # spikes once spike clipping is on (step >= 20)
+  params = {"a": jnp.zeros((64,)), "b": jnp.zeros((64,))}
+
+  def run():
+    tx = clipax.spam(1e-3)
+
+    def step(state, g):
+      _, state = tx.update({"a": g[0], "b": g[1]}, state, params)
+      return state, state.spikes
+
+    return jax.jit(lambda s: jax.lax.scan(step, s, grads))(tx.init(params))
+
+  cpu_state, cpu_spikes = run()
+  monkeypatch.setattr(_platform, "_by_platform", lambda cpu, accelerator, gpu=None: accelerator())
+  tpu_state, tpu_spikes = run()
+  assert int(cpu_state.spike_count) >= 10
+  np.testing.assert_array_equal(np.asarray(tpu_spikes), np.asarray(cpu_spikes))

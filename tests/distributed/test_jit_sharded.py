@@ -125,3 +125,25 @@ def test_explicit_mesh_axes():
                           jax.tree_util.tree_leaves(sharded), strict=True):
     assert_close(got, want, atol=1e-6)
     assert jax.typeof(got).sharding.spec == jax.typeof(x).sharding.spec
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+def test_gpu_path_on_sharded_leaves_is_exact_and_gathers_nothing(monkeypatch, scale):
+  # The GPU's program, forced on the CPU: mesh-sharded leaves are reduced whole, the large ones
+  # (>= _grouping.ROWS_FIRST elements) by rows first and summed as vectors of the rescue's sums.
+  from clipax import _grouping, _platform
+
+  tree, kinds = transformer_grads(2, d=128, seed=6)
+  tree = jax.tree_util.tree_map(lambda x: x * scale, tree)
+  assert any(x.ndim == 2 and x.size >= _grouping.ROWS_FIRST
+             for x in jax.tree_util.tree_leaves(tree))
+  sharded, _ = place(tree, kinds, FSDP_TP, mesh_2x4())
+  monkeypatch.setattr(_platform, "_by_platform",
+                      lambda cpu, accelerator, gpu=None: (gpu or accelerator)())
+  fn = jax.jit(clipax.global_norm)
+  hlo = fn.lower(sharded).compile().as_text()
+  assert sum(data_movements(hlo).values()) == 0, data_movements(hlo)
+  assert_close(fn(sharded), norm64(tree))
+  leaf = jax.jit(clipax.leaf_norms)(sharded)
+  for got, x in zip(jax.tree_util.tree_leaves(leaf), jax.tree_util.tree_leaves(tree), strict=True):
+    assert_close(got, norm64(x))
