@@ -272,12 +272,10 @@ KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree
     # optimizer's pass: a second read.
     ("tpu", "mixed-bf16", "clip_by_value_elementwise"): {"reads_max": 2, "kernels_ratio": 1.75},
     # Sharded over 8 devices (GSPMD under jit, where a leaf's sharding is not known while tracing,
-    # so no leaf is concatenated or stacked), the per-leaf statistics are small kernels of
-    # their own on the GPU, one or two per leaf.
-    ("h100", "sharded", "clip_by_leaf_norm"): {"reads_max": 2, "kernels_ratio": 1.7},
-    ("h100", "sharded", "clip_by_block_rms"): {"reads_max": 2, "kernels_ratio": 1.7},
-    ("h100", "sharded", "adagc"): {"reads_max": 2, "kernels_ratio": 2.5},
-    ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 2.0},
+    # so no leaf is concatenated or stacked): AGC's unit-wise (scale, ssq) reduction of a leaf
+    # split along its reduced axis is two kernels, and its per-unit bookkeeping small kernels of
+    # their own; spam's skip decision and spike count a few more per leaf.
+    ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 1.4},
     ("h100", "sharded", "spam"): {"reads_max": 2, "kernels_ratio": 1.25},
     # Concatenating the seven per-leaf partial results costs ~13 kernels over optax.clip's 202.
     ("h100", "clip_by_value_elementwise"): {"reads_max": 1, "kernels_ratio": 1.0,

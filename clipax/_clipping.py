@@ -131,7 +131,10 @@ def combine_norms(norms: list[jax.Array], ord: float) -> jax.Array:
   from, measured by :mod:`clipax._norms` with its exact overflow rescue."""
   if not norms:
     return jnp.zeros([], jnp.float32)
-  return _global([jnp.ravel(n) for n in norms], ord, None)
+  # One vector: norms are replicated results, so concatenating them gathers nothing; left as
+  # separate leaves on a mesh each would be a block of its own (``_maybe_sharded``), its rescue
+  # sums kernels of their own on a GPU (188 for the sharded benchmark tree).
+  return _global([jnp.concatenate([jnp.ravel(n) for n in norms])], ord, None)
 
 
 def _clip(

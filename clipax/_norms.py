@@ -35,7 +35,7 @@ from clipax._elements import (
     canonical_ord,
     float_leaves,
 )
-from clipax._grouping import gpu_blocks, gpu_leaf_reduce, gpu_sums
+from clipax._grouping import gpu_blocks, gpu_leaf_reduce, gpu_row_sums, rows_first
 from clipax._platform import _cpu_sum, _peak
 from clipax._rescue import _exact_root, _variadic_sums
 from clipax._sharding import (
@@ -264,8 +264,11 @@ def _leafwise_value(
       powers = [lambda b, fn=fn: fn(b, None) for fn in fns]
 
       def reduce(b, axes):  # (len(fns),) for a leaf alone, (k, len(fns)) for a stack of k
-        if len(axes) == b.ndim:
-          return jnp.stack(gpu_sums(b, powers, dtype))
+        if len(axes) == b.ndim and rows_first(b):
+          return gpu_row_sums(b, powers, dtype)
+        if len(axes) == b.ndim:  # the sums as one vector: stacked, reduced together
+          return jnp.sum(jnp.stack([f(b).astype(dtype) for f in powers]),
+                         axis=tuple(range(1, b.ndim + 1)))
         return jnp.stack([jnp.sum(f(b), axis=axes).astype(dtype) for f in powers], axis=-1)
 
       # (leaves, fns)

@@ -108,8 +108,9 @@ def test_gpu_path_groups_leaves_into_few_reductions(monkeypatch):
   force_platform(monkeypatch, "gpu")
   # 3 sums x (80 non-empty f32 leaves in 2 groups, 40 bf16 in 1), and the 3 totals
   assert reductions(clipax.global_norm) == 3 * 3 + 3
-  # 3 sums x (6 stacks: 3 shapes x 2 dtypes; the 30 one-element and 30 empty leaves alone)
-  assert reductions(clipax.leaf_norms) == 3 * (6 + 60)
+  # 3 sums x 6 stacks (3 shapes x 2 dtypes); the 30 one-element and 30 empty leaves alone, each
+  # leaf's 3 sums stacked into one reduction
+  assert reductions(clipax.leaf_norms) == 3 * 6 + 60
 
 
 def test_float16_300_does_not_overflow():
