@@ -268,9 +268,6 @@ def run(targets, trees, cases, quick: bool, progress=print, leaves: int = 200) -
 # Targets not met yet, with the ceiling each is held to meanwhile (tests/test_compiled_structure.py
 # checks both that these rows stay within their ceiling and that no other row misses a target).
 KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree, case)
-    # With bfloat16 gradients the TPU does not fuse the elementwise policy's statistics into the
-    # optimizer's pass: a second read.
-    ("tpu", "mixed-bf16", "clip_by_value_elementwise"): {"reads_max": 2, "kernels_ratio": 1.75},
     # Sharded over 8 devices (GSPMD under jit, where a leaf's sharding is not known while tracing,
     # so no leaf is concatenated or stacked): AGC's unit-wise (scale, ssq) reduction of a leaf
     # split along its reduced axis is two kernels, and its per-unit bookkeeping small kernels of

@@ -31,10 +31,17 @@ from jax.typing import ArrayLike
 
 from clipax import _checks
 from clipax._checks import Nonfinite
-from clipax._clipping import Action, _apart_on_cpu, action, invalid_threshold, scale_for
+from clipax._clipping import (
+    Action,
+    _apart_on_cpu,
+    action,
+    combine_norms,
+    invalid_threshold,
+    scale_for,
+)
 from clipax._elements import _magnitude, _result_dtype, float_leaves
 from clipax._measure import as_tree, check_leaf_metrics, init_leaf_norms, measure
-from clipax._norms import global_norm
+from clipax._norms import _leafwise, global_norm
 from clipax._platform import _blocks
 from clipax._rescue import _pick_sum, _scaled_powers
 from clipax._state import clip_state, init_clip_state, named, record, stat_dtype
@@ -137,11 +144,16 @@ def _fused(
 
 
 def _plain(
-    leaves: list[jax.Array], c: jax.Array, per_leaf: bool, cpu: bool
+    leaves: list[jax.Array], c: jax.Array, per_leaf: bool, cpu: bool, concat: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
   """The same four results measured by :mod:`clipax._norms` (the CPU's pass, and the
   derivative of the fused one). ``cpu``: the clipped leaves are reduced behind an optimization
-  barrier, so that they share no float32 convert with the clip (no float32 copy on the CPU)."""
+  barrier, so that they share no float32 convert with the clip (no float32 copy on the CPU).
+  ``concat=False`` (the TPU's one-pass policy): every statistic from per-leaf reductions, which
+  the TPU fuses into the optimizer's kernel of each leaf; the norms' concatenation of small
+  leaves would read bfloat16 ones a second time there (XLA:TPU does not fuse it)."""
+  if not concat:
+    return _per_leaf_plain(list(leaves), c, per_leaf)
   tree = list(leaves)
   norm, norms = measure(tree, leaf_metrics=per_leaf, dtype=_result_dtype(leaves))
   peak = global_norm(tree, ord=math.inf)
@@ -150,6 +162,19 @@ def _plain(
     clipped = list(lax.optimization_barrier(clipped))
   after = global_norm(clipped)
   return norm, peak, after, list(norms) if per_leaf else []
+
+
+def _per_leaf_plain(
+    leaves: list[jax.Array], c: jax.Array, per_leaf: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+  """:func:`_plain`'s results from one reduction per leaf and statistic (no concatenation)."""
+  norms = _leafwise(leaves, 2, None)
+  peaks = _leafwise(leaves, math.inf, None)
+  after = _leafwise([_clip(g, c) for g in leaves], 2, None)
+  zero = jnp.zeros([], _result_dtype(leaves))
+  norm = combine_norms(norms, 2) if norms else zero
+  peak = jnp.max(jnp.stack(peaks)) if peaks else zero
+  return norm, peak, combine_norms(after, 2) if after else zero, norms if per_leaf else []
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -176,7 +201,7 @@ def _stats(
   against 202 for the 100-leaf benchmark tree); never a conditional."""
   return lax.platform_dependent(
       tuple(leaves), c, cpu=lambda xs, c: _plain(list(xs), c, per_leaf, True),
-      tpu=lambda xs, c: _plain(list(xs), c, per_leaf, False),
+      tpu=lambda xs, c: _plain(list(xs), c, per_leaf, False, concat),
       default=lambda xs, c: _accelerated(xs, c, per_leaf, concat))
 
 

@@ -10,6 +10,7 @@ overflow and underflow included. The compiled structure on an H100 and a TPU is 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -210,6 +211,26 @@ def test_fused_pass_matches_float64(label, tree, c, per_leaf, concat):
       assert_close(n, leaf_norm64(x), jnp.float32, rtol=2e-6)
   else:
     assert norms == []
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+@pytest.mark.parametrize("label,tree,c", list(_trees()), ids=[t[0] for t in _trees()])
+def test_tpu_one_pass_statistics_match_float64(label, tree, c, per_leaf):
+  # The TPU's statistics for nonfinite="elementwise": per-leaf reductions only (no concatenation)
+  leaves = jax.tree_util.tree_leaves(tree)
+  fn = jax.jit(lambda xs, c: _value._plain(list(xs), c, per_leaf, False, concat=False))
+  norm, peak, post, norms = fn(tuple(leaves), jnp.asarray(c, jnp.float32))
+  clipped = [_value._clip(x, jnp.asarray(c, jnp.float32)) for x in leaves]
+  assert_close(norm, norm64(tree), jnp.float32, rtol=2e-6)
+  assert_close(peak, norm64(tree, math.inf), jnp.float32)
+  assert_close(post, norm64(clipped), jnp.float32, rtol=2e-6)
+  assert len(norms) == (len(leaves) if per_leaf else 0)
+  for n, x in zip(norms, leaves if per_leaf else [], strict=True):
+    assert_close(n, leaf_norm64(x), jnp.float32, rtol=2e-6)
+  # nothing but per-leaf results is concatenated (vectors of at most one entry per leaf)
+  text = fn.lower(tuple(leaves), jnp.asarray(c, jnp.float32)).as_text()
+  sizes = [int(m) for m in re.findall(r"stablehlo\.concatenate.*-> tensor<(\d+)x", text)]
+  assert all(n <= len(leaves) for n in sizes), sizes
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
