@@ -213,19 +213,18 @@ def test_fused_pass_matches_float64(label, tree, c, per_leaf, concat):
     assert norms == []
 
 
-@pytest.mark.parametrize("per_leaf", [False, True])
 @pytest.mark.parametrize("label,tree,c", list(_trees()), ids=[t[0] for t in _trees()])
-def test_tpu_one_pass_statistics_match_float64(label, tree, c, per_leaf):
+def test_tpu_one_pass_statistics_match_float64(label, tree, c):
   # The TPU's statistics for nonfinite="elementwise": per-leaf reductions only (no concatenation)
   leaves = jax.tree_util.tree_leaves(tree)
-  fn = jax.jit(lambda xs, c: _value._plain(list(xs), c, per_leaf, False, concat=False))
+  fn = jax.jit(lambda xs, c: _value._plain(list(xs), c, True, False, concat=False))
   norm, peak, post, norms = fn(tuple(leaves), jnp.asarray(c, jnp.float32))
   clipped = [_value._clip(x, jnp.asarray(c, jnp.float32)) for x in leaves]
   assert_close(norm, norm64(tree), jnp.float32, rtol=2e-6)
   assert_close(peak, norm64(tree, math.inf), jnp.float32)
   assert_close(post, norm64(clipped), jnp.float32, rtol=2e-6)
-  assert len(norms) == (len(leaves) if per_leaf else 0)
-  for n, x in zip(norms, leaves if per_leaf else [], strict=True):
+  assert len(norms) == len(leaves)
+  for n, x in zip(norms, leaves, strict=True):
     assert_close(n, leaf_norm64(x), jnp.float32, rtol=2e-6)
   # nothing but per-leaf results is concatenated (vectors of at most one entry per leaf)
   text = fn.lower(tuple(leaves), jnp.asarray(c, jnp.float32)).as_text()
