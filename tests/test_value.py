@@ -215,9 +215,10 @@ def test_fused_pass_matches_float64(label, tree, c, per_leaf, concat):
 
 @pytest.mark.parametrize("label,tree,c", list(_trees()), ids=[t[0] for t in _trees()])
 def test_tpu_one_pass_statistics_match_float64(label, tree, c):
-  # The TPU's statistics for nonfinite="elementwise": per-leaf reductions only (no concatenation)
+  # The TPU's statistics for nonfinite="elementwise" on half-precision trees: per-leaf
+  # reductions only
   leaves = jax.tree_util.tree_leaves(tree)
-  fn = jax.jit(lambda xs, c: _value._plain(list(xs), c, True, False, concat=False))
+  fn = jax.jit(lambda xs, c: _value._per_leaf_plain(list(xs), c, True))
   norm, peak, post, norms = fn(tuple(leaves), jnp.asarray(c, jnp.float32))
   clipped = [_value._clip(x, jnp.asarray(c, jnp.float32)) for x in leaves]
   assert_close(norm, norm64(tree), jnp.float32, rtol=2e-6)
@@ -226,10 +227,19 @@ def test_tpu_one_pass_statistics_match_float64(label, tree, c):
   assert len(norms) == len(leaves)
   for n, x in zip(norms, leaves, strict=True):
     assert_close(n, leaf_norm64(x), jnp.float32, rtol=2e-6)
-  # nothing but per-leaf results is concatenated (vectors of at most one entry per leaf)
-  text = fn.lower(tuple(leaves), jnp.asarray(c, jnp.float32)).as_text()
+
+
+@pytest.mark.parametrize("dtype,per_leaf", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_tpu_one_pass_concatenates_no_half_precision_leaf(dtype, per_leaf):
+  # XLA:TPU reads a concatenated small bfloat16 leaf a second time, so the one-pass policy
+  # reduces such leaves one by one; a float32 tree keeps the concatenation (less memory)
+  leaves = tuple(jnp.ones((40,), dtype) * (i + 1) for i in range(6))
+  c = jnp.asarray(C, jnp.float32)
+  fn = jax.jit(lambda xs, c: _value._plain(list(xs), c, False, False, concat=False))
+  text = fn.lower(leaves, c).as_text()
   sizes = [int(m) for m in re.findall(r"stablehlo\.concatenate.*-> tensor<(\d+)x", text)]
-  assert all(n <= len(leaves) for n in sizes), sizes
+  assert (max(sizes, default=0) <= len(leaves)) == per_leaf, sizes
+  assert_close(fn(leaves, c)[0], norm64(list(leaves)), jnp.float32, rtol=2e-6)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
