@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from clipax import _checks
-from clipax._health import _floats
+from clipax._history import _floats
 
 
 def _index(shape: tuple[int, ...], flat: int) -> str:
