@@ -6,6 +6,7 @@ layers, see :mod:`clipax._layers`). AGC (:mod:`clipax._agc`) is built on them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -45,17 +46,33 @@ def _per_leaf_clip(
   """
   treedef: Any = jax.tree_util.tree_structure(updates)
   leaves = float_leaves(updates, "clip")
-  pairs = [scale_for(n, t) for n, t in zip(norms, thresholds, strict=True)]
-  scales = [s for s, _ in pairs]
-  overs = [o for _, o in pairs]
   norm = by_ord(ord, lambda o: combine_norms(list(norms), o))
   act = action(norm, nonfinite, invalid)
+  if norms and len({jnp.result_type(n) for n in norms}) == 1:
+    # Every unit's scale from one vector of all the norms (one kernel, not a few per leaf on a
+    # GPU, where the sharded AGC step spent ~270 kernels on per-leaf bookkeeping); each leaf
+    # takes its slice.
+    flat = jnp.concatenate([jnp.ravel(n) for n in norms])
+    limit = jnp.concatenate([
+        jnp.ravel(jnp.broadcast_to(jnp.asarray(t).astype(flat.dtype), jnp.shape(n)))
+        for n, t in zip(norms, thresholds, strict=True)])
+    flat_scale, over = scale_for(flat, limit)
+    ends = list(itertools.accumulate(math.prod(jnp.shape(n)) for n in norms))
+    scales = [flat_scale[e - math.prod(jnp.shape(n)):e].reshape(jnp.shape(n))
+              for n, e in zip(norms, ends, strict=True)]
+    any_over = jnp.any(over)
+    after = by_ord(ord, lambda o: combine_norms([applied_norm(flat, flat_scale)], o))
+    smallest = jnp.min(flat_scale).astype(jnp.float32)
+  else:
+    pairs = [scale_for(n, t) for n, t in zip(norms, thresholds, strict=True)]
+    scales = [s for s, _ in pairs]
+    any_over = jnp.any(jnp.stack([jnp.any(o) for _, o in pairs])) if pairs else jnp.zeros([], bool)
+    after = by_ord(ord, lambda o: combine_norms(
+        [applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], o))
+    smallest = _min_or_one(list(scales))
   out = treedef.unflatten([act.apply(g, s) for g, s in zip(leaves, scales, strict=True)])
-  any_over = jnp.any(jnp.stack([jnp.any(o) for o in overs])) if overs else jnp.zeros([], bool)
   per_leaf = [n if jnp.ndim(n) == 0 else combine_norms([n], ord) for n in norms]
-  after = by_ord(ord, lambda o: combine_norms(
-      [applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], o))
-  recorded = act.recorded(_min_or_one(list(scales)))
+  recorded = act.recorded(smallest)
   after = jnp.where(recorded == 0, 0, jnp.where(jnp.isnan(recorded), jnp.nan, after))
   return out, norm, recorded, act.clipped(any_over), act, after, per_leaf
 
