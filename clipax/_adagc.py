@@ -78,28 +78,29 @@ class AdaGCState(NamedTuple):
 
 def _adagc_policy(state: AdaGCState, norms, gammas, global_n, *, ratio, beta, warmup_steps,
                   warmup_max):
-  """Per-leaf scales, over flags, reported threshold and the next ``gamma`` leaves (``gammas``:
-  one scalar per leaf of ``norms``)."""
+  """Per-leaf scales, over flags and next ``gamma`` values as vectors (one entry per leaf of
+  ``norms``; ``gammas``: one scalar per leaf), and the reported threshold. Vectors, not one
+  scalar per leaf: on a GPU that is one kernel for all leaves, and XLA merges the leaves' update
+  kernels that read the shared scale vector."""
   dt = global_n.dtype
   beta = jnp.asarray(beta, dt)
   ratio = jnp.asarray(ratio, dt)
   warm = warming_up(state, warmup_steps)
   warm_scale, warm_over = scale_for(global_n, warmup_max)
-  limits = [ratio * gm for gm in gammas]
-  scales, overs, new_gammas = [], [], []
-  for n, gm, limit in zip(norms, gammas, limits, strict=True):
-    # gamma == 0: nothing learned yet for this leaf (only zero gradients so far); it is not
-    # clipped, and its first nonzero clipped norm starts the statistic.
-    known = gm > 0
-    local_scale, local_over = scale_for(n, jnp.where(known, limit, jnp.inf))
-    s = jnp.where(warm, warm_scale, local_scale)
-    clipped_norm = s * n
-    running_min = jnp.where(known, jnp.minimum(gm, clipped_norm), clipped_norm)
-    ema = jnp.where(known, beta * gm + (1 - beta) * clipped_norm, clipped_norm)
-    scales.append(s)
-    overs.append(jnp.where(warm, warm_over, local_over))
-    new_gammas.append(jnp.where(warm, running_min, ema))
-  local_threshold = combine_norms(limits, 2).astype(dt) if limits else jnp.zeros([], dt)
+  n = jnp.stack(norms) if norms else jnp.zeros((0,), dt)
+  gm = jnp.stack([jnp.asarray(g, dt) for g in gammas]) if gammas else jnp.zeros((0,), dt)
+  limits = ratio * gm
+  # gamma == 0: nothing learned yet for this leaf (only zero gradients so far); it is not
+  # clipped, and its first nonzero clipped norm starts the statistic.
+  known = gm > 0
+  local_scale, local_over = scale_for(n, jnp.where(known, limits, jnp.inf))
+  scales = jnp.where(warm, warm_scale, local_scale)
+  clipped_norm = scales * n
+  running_min = jnp.where(known, jnp.minimum(gm, clipped_norm), clipped_norm)
+  ema = jnp.where(known, beta * gm + (1 - beta) * clipped_norm, clipped_norm)
+  overs = jnp.where(warm, warm_over, local_over)
+  new_gammas = jnp.where(warm, running_min, ema)
+  local_threshold = combine_norms([limits], 2).astype(dt) if norms else jnp.zeros([], dt)
   threshold = jnp.where(warm, jnp.asarray(warmup_max, dt), local_threshold)
   return scales, overs, threshold, new_gammas
 
@@ -262,16 +263,17 @@ def adagc(
           warmup_steps=warmup_steps,
           warmup_max=warmup_max_norm,
       )
-      any_over = jnp.any(jnp.stack(overs)) if overs else jnp.zeros([], jnp.bool_)
+      n = jnp.stack(norms) if norms else jnp.zeros((0,), dt)
+      any_over = jnp.any(overs)
       if max_norm is not None:
-        clipped_global = combine_norms([s * n for s, n in zip(scales, norms, strict=True)], 2)
+        clipped_global = combine_norms([scales * n], 2) if norms else jnp.zeros([], dt)
         cap_scale, cap_over = scale_for(clipped_global.astype(dt), max_norm)
-        scales = [s * cap_scale for s in scales]
+        scales = scales * cap_scale
         any_over = any_over | cap_over
-      out_leaves = [act.apply(g, s) for g, s in zip(leaves, scales, strict=True)]
-      smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dt)
+      out_leaves = [act.apply(g, scales[i]) for i, g in enumerate(leaves)]
+      smallest = jnp.min(scales) if norms else jnp.ones([], dt)
       ok = ~(act.bad if invalid is None else act.bad | invalid)
-      new_gamma = _keep_if(ok, gammas, old)
+      new_gamma = _keep_if(ok, [gammas[i] for i in range(len(norms))], old)
       per_leaf = norms
       if stacking is not None:
         out_leaves = stacking.restack(out_leaves, stacked)
@@ -281,7 +283,7 @@ def adagc(
       gamma = treedef.unflatten(new_gamma)
       base = record(state, global_n, act.recorded(smallest), act.clipped(any_over), act.bad,
                     invalid)
-      after = combine_norms([applied_norm(n, s) for n, s in zip(norms, scales, strict=True)], 2)
+      after = combine_norms([applied_norm(n, scales)], 2) if norms else jnp.zeros([], dt)
       after = jnp.where(base.scale == 0, 0, jnp.where(jnp.isnan(base.scale), jnp.nan, after))
       return out, AdaGCState(
           *base,
