@@ -227,7 +227,13 @@ def test_autoclip_percentile_interpolates_like_numpy():
       np.testing.assert_allclose(as64(got[t]), np.percentile(window, p), rtol=RTOL)
 
 
-def test_adagc_matches_reference():
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_adagc_matches_reference(gpu_path, monkeypatch):
+  if gpu_path:  # the GPU's program (the rule on vectors of all leaves), forced on the CPU
+    from clipax import _platform
+
+    monkeypatch.setattr(_platform, "_by_platform",
+                        lambda cpu, accelerator, gpu=None: (gpu or accelerator)())
   grads = leaf_stream(330, seed=4)
   params = jax.tree_util.tree_map(lambda g: jnp.zeros(g.shape[1:]), grads)
   tx = clipax.adagc(warmup_steps=30, warmup_max_norm=1.5)
