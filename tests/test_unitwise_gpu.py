@@ -86,18 +86,27 @@ def test_gpu_path_keeps_a_non_finite_unit_to_its_own_leaf(monkeypatch):
     assert np.isfinite(np.asarray(got[k])).all(), k
 
 
-def test_agc_on_the_gpu_path_equals_the_cpu_path(monkeypatch):
+@pytest.mark.parametrize("make", [
+    lambda clipax: clipax.adaptive_grad_clip(0.05),
+    lambda clipax: clipax.clip_by_leaf_norm(3.0),
+    lambda clipax: clipax.clip_by_block_rms(1.0),
+], ids=["agc", "leaf_norm", "block_rms"])
+def test_per_leaf_clip_on_the_gpu_path_equals_the_cpu_path(monkeypatch, make):
+  # the GPU's program (unit norms over stacks, every scale from one vector) forced on the CPU
   import clipax
 
   rng = np.random.default_rng(5)
   params = {f"w{i}": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32) for i in range(4)}
   params.update({f"b{i}": jnp.asarray(rng.normal(size=(4,)), jnp.float32) for i in range(3)})
   grads = {k: v * (10.0 ** (i % 3)) for i, (k, v) in enumerate(params.items())}
-  tx = clipax.adaptive_grad_clip(0.05)
-  cpu_out, cpu_state = jax.jit(tx.update)(grads, tx.init(params), params)
+  tx = make(clipax)
+  # a fresh function for each path: jit's cache would keep the first path's program
+  cpu_out, cpu_state = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
   _force_gpu(monkeypatch)
-  gpu_out, gpu_state = jax.jit(tx.update)(grads, tx.init(params), params)
+  gpu_out, gpu_state = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
   for k in grads:
     np.testing.assert_allclose(np.asarray(gpu_out[k]), np.asarray(cpu_out[k]), rtol=2e-6, atol=0)
-  np.testing.assert_allclose(float(gpu_state.norm), float(cpu_state.norm), rtol=2e-6)
+  for f in ("norm", "scale", "update_norm"):
+    np.testing.assert_allclose(float(getattr(gpu_state, f)), float(getattr(cpu_state, f)),
+                               rtol=2e-6)
   assert bool(gpu_state.clipped) == bool(cpu_state.clipped) is True
