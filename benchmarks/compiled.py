@@ -270,9 +270,9 @@ def run(targets, trees, cases, quick: bool, progress=print, leaves: int = 200) -
 KNOWN_GAPS: dict[tuple, dict[str, float]] = {  # (target, case) or (target, tree, case)
     # Sharded over 8 devices (GSPMD under jit, where a leaf's sharding is not known while tracing,
     # so no leaf is concatenated or stacked): AGC's unit-wise (scale, ssq) reduction of a leaf
-    # split along its reduced axis is two kernels, and its per-unit bookkeeping small kernels of
-    # their own; spam's skip decision and spike count a few more per leaf.
-    ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 1.4},
+    # split along its reduced axis is two kernels, and each leaf's norm epilogue and threshold
+    # small kernels of their own; spam's spike count a final reduction per split leaf.
+    ("h100", "sharded", "adaptive_grad_clip"): {"reads_max": 2, "kernels_ratio": 1.3},
     ("h100", "sharded", "spam"): {"reads_max": 2, "kernels_ratio": 1.25},
     # Concatenating the seven per-leaf partial results costs ~13 kernels over optax.clip's 202.
     ("h100", "clip_by_value_elementwise"): {"reads_max": 1, "kernels_ratio": 1.0,
