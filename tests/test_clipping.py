@@ -419,3 +419,22 @@ def test_per_leaf_clippers_record_the_true_global_norm_near_float32_max(jit):
   _, state = update(grads, tx.init(grads))
   assert_close(state.norm, norm64(grads), jnp.float32)
   assert bool(state.clipped) and int(state.nonfinite_count) == 0
+
+
+@pytest.mark.parametrize("nonfinite", ["zero", "propagate"])
+def test_global_clip_on_the_gpu_path_equals_the_cpu_path(monkeypatch, nonfinite):
+  # The GPU's program (every leaf's scale a slice of one shared vector), forced on the CPU; a
+  # fresh function per path, as jit's cache would keep the first path's program.
+  from clipax import _platform
+
+  rng = np.random.default_rng(11)
+  grads = {f"w{i}": jnp.asarray(rng.normal(size=(5, 3)) * (i + 1), jnp.float32) for i in range(5)}
+  tx = clipax.clip_by_global_norm(2.0, nonfinite=nonfinite)
+  cpu_out, cpu_state = jax.jit(lambda g, s: tx.update(g, s))(grads, tx.init(grads))
+  monkeypatch.setattr(_platform, "_by_platform",
+                      lambda cpu, accelerator, gpu=None: (gpu or accelerator)())
+  gpu_out, gpu_state = jax.jit(lambda g, s: tx.update(g, s))(grads, tx.init(grads))
+  for k in grads:
+    np.testing.assert_allclose(np.asarray(gpu_out[k]), np.asarray(cpu_out[k]), rtol=2e-6)
+  assert float(cpu_state.scale) < 1
+  np.testing.assert_allclose(float(gpu_state.scale), float(cpu_state.scale), rtol=2e-6)
