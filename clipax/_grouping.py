@@ -57,28 +57,8 @@ def gpu_leaf_reduce(
   same-dtype local leaves (at most :data:`GPU_GROUP` per stack): one reduction per stack
   instead of one per leaf. ``reduce(block, axes)`` reduces ``block`` over ``axes`` (for a stack,
   every axis but the leading one). Leaves for which ``sharded(x)``, and one-element leaves, are
-  reduced alone."""
-  out: list[jax.Array | None] = [None] * len(leaves)
-  groups: dict[tuple, list[int]] = {}
-  for i, x in enumerate(leaves):
-    # One-element leaves alone: stacked, their sum disappears and XLA may rewrite the rescue's
-    # scaled squares (see ``_rescue._scaled_powers``).
-    if sharded(x) or x.size <= 1:
-      out[i] = reduce(x, tuple(range(x.ndim)))
-    else:
-      groups.setdefault((x.shape, x.dtype), []).append(i)
-  for ids in groups.values():
-    for start in range(0, len(ids), GPU_GROUP):
-      part = ids[start : start + GPU_GROUP]
-      if len(part) == 1:
-        x = leaves[part[0]]
-        out[part[0]] = reduce(x, tuple(range(x.ndim)))
-        continue
-      stack = jnp.stack([leaves[i] for i in part])
-      sums = reduce(stack, tuple(range(1, stack.ndim)))
-      for k, i in enumerate(part):
-        out[i] = sums[k]
-  return out  # type: ignore[return-value]
+  reduced alone (:func:`gpu_unit_reduce` with every axis of each leaf)."""
+  return gpu_unit_reduce(leaves, [tuple(range(x.ndim)) for x in leaves], reduce, sharded)
 
 
 def gpu_unit_reduce(
@@ -87,13 +67,15 @@ def gpu_unit_reduce(
     reduce: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     sharded: Callable[[jax.Array], bool],
 ) -> list[jax.Array]:
-  """``[reduce(x, a) for x, a in zip(leaves, axes)]`` (``reduce`` keeps the reduced axes as size
-  1: per-unit norms), computed on a GPU over stacks of local leaves of one shape, dtype and
+  """``[reduce(x, a) for x, a in zip(leaves, axes)]`` (``reduce`` may keep the reduced axes, as
+  the per-unit norms do), computed on a GPU over stacks of local leaves of one shape, dtype and
   ``axes`` (at most :data:`GPU_GROUP` per stack), so that XLA fuses each stack into one reduction
   instead of one per leaf. Leaves for which ``sharded(x)``, and one-element leaves, alone."""
   out: list[jax.Array | None] = [None] * len(leaves)
   groups: dict[tuple, list[int]] = {}
   for i, (x, a) in enumerate(zip(leaves, axes, strict=True)):
+    # One-element leaves alone: stacked, their sum disappears and XLA may rewrite the rescue's
+    # scaled squares (see ``_rescue._scaled_powers``).
     if sharded(x) or x.size <= 1:
       out[i] = reduce(x, a)
     else:
